@@ -1,0 +1,126 @@
+"""Lazy weights: pytree leaves that know how to multiply an input without being formed.
+
+A method's ``apply`` may return, instead of a dense array, a *lazy weight*: a
+registered pytree node (a low-rank update over a base, an NF4-coded weight, a
+Kronecker product...) that implements
+
+* ``matmul(x)`` - ``x @ W`` for ``W`` in Flax layout ``[in, out]`` (contracting the
+  last axis of ``x``), computed in factored form;
+* ``materialize()`` - the dense ``W`` (used by merge and by any model that is not
+  ours).
+
+Our models' dense layers multiply through :func:`dot`, which dispatches on the leaf
+type. Any other consumer can call :func:`materialize` on the tree, and lazy weights
+also implement ``__jax_array__`` so that ``jnp.asarray(w)`` (what Flax ``Dense`` and
+``nnx.Linear`` do with their kernel) materialises them transparently.
+
+Only public JAX APIs are used (``jax.tree_util.register_dataclass``); nothing here
+intercepts or patches JAX primitives, unlike qax/lorax.
+
+The factored product ``s * (x @ A) @ B`` that LoRA-like methods share lives here
+once, as :func:`factored_matmul`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+
+__all__ = [
+  "LazyWeight",
+  "dot",
+  "materialize",
+  "factored_matmul",
+  "pytree_dataclass",
+  "is_lazy",
+]
+
+
+def pytree_dataclass(cls=None, *, static: tuple[str, ...] = ()):
+  """Frozen dataclass registered as a pytree; fields named in ``static`` are aux data."""
+  def wrap(c):
+    c = dataclasses.dataclass(frozen=True)(c)
+    names = [f.name for f in dataclasses.fields(c)]
+    data = [n for n in names if n not in static]
+    meta = [n for n in names if n in static]
+    return jax.tree_util.register_dataclass(c, data_fields=data, meta_fields=meta)
+  return wrap if cls is None else wrap(cls)
+
+
+class LazyWeight:
+  """Base class of lazy weights. Subclasses are pytree dataclasses.
+
+  Subclasses implement ``shape``, ``dtype``, ``materialize()`` and ``matmul(x)``.
+  """
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    raise NotImplementedError
+
+  @property
+  def dtype(self):
+    raise NotImplementedError
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  def materialize(self) -> jax.Array:
+    raise NotImplementedError
+
+  def matmul(self, x: jax.Array) -> jax.Array:
+    """``x @ W`` with ``W`` of shape ``[in, out]``. Default: materialise."""
+    return _dense_matmul(x, self.materialize())
+
+  def __jax_array__(self):
+    return self.materialize()
+
+  def astype(self, dtype):
+    return self.materialize().astype(dtype)
+
+
+def is_lazy(x) -> bool:
+  return isinstance(x, LazyWeight)
+
+
+def _dense_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+  if w.ndim != 2:
+    raise ValueError(f"dot expects a matrix weight [in, out], got shape {w.shape}")
+  if x.shape[-1] != w.shape[0]:
+    raise ValueError(f"dot: input feature size {x.shape[-1]} does not match weight {w.shape}")
+  return jnp.matmul(x, w.astype(x.dtype) if w.dtype != x.dtype else w)
+
+
+def dot(x: jax.Array, w) -> jax.Array:
+  """``x @ w`` for a dense ``[in, out]`` array or any lazy weight (the dispatch)."""
+  if isinstance(w, LazyWeight):
+    return w.matmul(x)
+  return _dense_matmul(x, w)
+
+
+def materialize(tree: PyTree) -> PyTree:
+  """Replaces every lazy weight in ``tree`` by its dense value."""
+  return jax.tree.map(lambda x: x.materialize() if isinstance(x, LazyWeight) else x,
+                      tree, is_leaf=is_lazy)
+
+
+def factored_matmul(x: jax.Array, a: jax.Array, b: jax.Array, scale: Any = 1.0,
+                    dropout_rate: float = 0.0, rng: Optional[jax.Array] = None) -> jax.Array:
+  """``scale * (drop(x) @ a) @ b`` in the adapter dtype, returned in ``x.dtype``.
+
+  ``a`` is ``[in, r]`` and ``b`` is ``[r, out]``; the ``[in, out]`` product is never
+  formed, so the cost is ``O(r (in + out))`` per row instead of ``O(in out)``.
+  """
+  xa = x.astype(a.dtype)
+  if dropout_rate > 0.0 and rng is not None:
+    keep = jax.random.bernoulli(rng, 1.0 - dropout_rate, xa.shape)
+    xa = jnp.where(keep, xa / (1.0 - dropout_rate), 0)
+  h = jnp.matmul(xa, a)
+  if not (isinstance(scale, float) and scale == 1.0):
+    h = h * scale
+  return jnp.matmul(h, b).astype(x.dtype)

@@ -1,0 +1,1 @@
+"""One module per PEFT method; each exposes a constructor returning a :class:`Reparam`."""
