@@ -1,0 +1,1 @@
+"""Interoperability with the PyTorch ecosystem's file formats (no torch import)."""

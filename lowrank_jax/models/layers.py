@@ -1,0 +1,204 @@
+"""Transformer building blocks as pure functions over parameter dicts.
+
+Every dense matmul goes through :func:`lowrank_jax.dot`, so a kernel may be a lazy
+weight (LoRA ``W0 + s A B``, an NF4-coded matrix, a Kronecker product...) and is
+multiplied in factored form, never materialised. Flax linen/NNX layers would call
+``jnp.asarray`` on the kernel and materialise it, which is why these are plain
+functions over dicts such as ``{"kernel": [in, out], "bias": [out]}``.
+
+Shapes: activations are ``[..., features]``; attention takes ``q [B, T, H, D]`` and
+``k, v [B, S, K, D]`` with ``K`` dividing ``H`` (grouped-query attention when
+``K < H``).
+
+Formulation notes (XLA:CPU, measured on MiniLM): layer norm statistics are taken
+without ``keepdims`` and broadcast once, with ``rsqrt(var + eps) * scale`` grouped
+into one multiplier; this avoids large backward fusions (~10% on a LoRA step).
+``jax.nn.dot_product_attention`` is faster for inference, the explicit einsum
+attention for training steps (and it supports attention-probability dropout).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Literal, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+
+from lowrank_jax import lazy
+
+__all__ = [
+  "dense",
+  "embed",
+  "layer_norm",
+  "rms_norm",
+  "gelu",
+  "dropout",
+  "attention",
+  "split_heads",
+  "merge_heads",
+  "bottleneck_adapter",
+  "ACTIVATIONS",
+]
+
+Params = Mapping[str, Any]
+AttentionImpl = Literal["auto", "einsum", "dpa"]
+
+
+def _stat_dtype(dtype):
+  """Statistics (norms, softmax) are computed in at least float32."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def dense(p: Params, x: jax.Array) -> jax.Array:
+  """``x @ kernel (+ bias)``; the kernel may be a lazy weight (:func:`lowrank_jax.dot`).
+
+  Args:
+    p: ``{"kernel": [in, out]}`` with an optional ``"bias": [out]``.
+    x: ``[..., in]``.
+
+  Returns:
+    ``[..., out]`` in ``x.dtype``.
+  """
+  y = lazy.dot(x, p["kernel"])
+  b = p.get("bias")
+  if b is not None:
+    y = y + b.astype(y.dtype)
+  return y
+
+
+def embed(table, ids: jax.Array) -> jax.Array:
+  """Row lookup ``table[ids]``; a lazy table is materialised first (or uses its ``take``)."""
+  if isinstance(table, lazy.LazyWeight):
+    take = getattr(table, "take", None)
+    if take is not None:
+      return take(ids)
+    table = table.materialize()
+  return jnp.take(table, ids, axis=0)
+
+
+def layer_norm(p: Params, x: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """LayerNorm (Ba et al., arXiv 1607.06450): ``(x - mean) * rsqrt(var + eps) * scale + bias``.
+
+  Statistics over the last axis in at least float32; result in ``x.dtype``.
+  """
+  dt = _stat_dtype(x.dtype)
+  xf = x.astype(dt)
+  mean = jnp.mean(xf, axis=-1)
+  xc = xf - mean[..., None]
+  var = jnp.mean(jnp.square(xc), axis=-1)
+  mul = jax.lax.rsqrt(var + eps)[..., None] * p["scale"].astype(dt)
+  y = xc * mul
+  if p.get("bias") is not None:
+    y = y + p["bias"].astype(dt)
+  return y.astype(x.dtype)
+
+
+def rms_norm(p: Params, x: jax.Array, eps: float = 1e-6) -> jax.Array:
+  """RMSNorm (Zhang & Sennrich, arXiv 1910.07467): ``x * rsqrt(mean(x^2) + eps) * scale``."""
+  dt = _stat_dtype(x.dtype)
+  xf = x.astype(dt)
+  ms = jnp.mean(jnp.square(xf), axis=-1)
+  y = xf * jax.lax.rsqrt(ms + eps)[..., None]
+  return (y * p["scale"].astype(dt)).astype(x.dtype)
+
+
+def gelu(x: jax.Array) -> jax.Array:
+  """Exact GELU ``x * Phi(x) = x/2 (1 + erf(x / sqrt 2))`` (BERT's ``hidden_act="gelu"``)."""
+  return jax.nn.gelu(x, approximate=False)
+
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+  "gelu": gelu,
+  "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+  "relu": jax.nn.relu,
+  "silu": jax.nn.silu,
+  "swish": jax.nn.silu,
+  "tanh": jnp.tanh,
+}
+
+
+def dropout(x: jax.Array, rate: float, rng: Optional[jax.Array]) -> jax.Array:
+  """Inverted dropout with an explicit key; identity when ``rng is None`` or ``rate == 0``."""
+  if rng is None or rate == 0.0:
+    return x
+  if not 0.0 <= rate < 1.0:
+    raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
+  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype)).astype(x.dtype)
+
+
+def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
+  """``[B, T, H*D]`` -> ``[B, T, H, D]``."""
+  *lead, f = x.shape
+  if f % num_heads:
+    raise ValueError(f"feature size {f} is not divisible by {num_heads} heads")
+  return x.reshape(*lead, num_heads, f // num_heads)
+
+
+def merge_heads(x: jax.Array) -> jax.Array:
+  """``[B, T, H, D]`` -> ``[B, T, H*D]``."""
+  return x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
+              mask: Optional[jax.Array] = None, causal: bool = False,
+              dropout_rate: float = 0.0, rng: Optional[jax.Array] = None,
+              impl: AttentionImpl = "auto") -> jax.Array:
+  """Scaled dot-product attention ``softmax(q k^T / sqrt(D) + masking) v``.
+
+  Args:
+    q: ``[B, T, H, D]`` queries.
+    k, v: ``[B, S, K, D]`` keys and values; ``K`` must divide ``H`` (GQA).
+    mask: boolean, broadcastable to ``[B, H, T, S]``; ``True`` = may attend.
+    causal: additionally mask keys after the query position. With ``S > T`` (e.g. a
+      prefix or cache) query ``t`` sees keys ``<= t + S - T``.
+    dropout_rate, rng: dropout on the attention probabilities (einsum path only).
+    impl: ``"dpa"`` (``jax.nn.dot_product_attention``), ``"einsum"``, or ``"auto"``:
+      ``dpa`` without dropout, ``einsum`` with it.
+
+  Returns:
+    ``[B, T, H, D]`` in ``q.dtype``.
+  """
+  b, t, h, d = q.shape
+  s, kh = k.shape[1], k.shape[2]
+  if h % kh:
+    raise ValueError(f"attention: {h} query heads not divisible by {kh} key/value heads")
+  training = rng is not None and dropout_rate > 0.0
+  if impl == "auto":
+    impl = "einsum" if training else "dpa"
+  if causal:
+    offset = s - t
+    cmask = jnp.arange(s)[None, :] <= (jnp.arange(t)[:, None] + offset)
+    mask = cmask[None, None] if mask is None else jnp.logical_and(mask, cmask[None, None])
+  if impl == "dpa":
+    if training:
+      raise ValueError("attention impl 'dpa' has no dropout; use impl='einsum' or 'auto'")
+    if mask is not None:
+      mask = jnp.broadcast_to(mask, (b, h, t, s))
+    return jax.nn.dot_product_attention(q, k, v, mask=mask)
+  if impl != "einsum":
+    raise ValueError(f"unknown attention impl {impl!r}; expected auto, einsum or dpa")
+  g = h // kh
+  qg = q.reshape(b, t, kh, g, d)
+  logits = jnp.einsum("btkgd,bskd->bkgts", qg, k) * jnp.asarray(d ** -0.5, q.dtype)
+  logits = logits.astype(_stat_dtype(q.dtype))
+  if mask is not None:
+    m = jnp.broadcast_to(mask, (b, h, t, s)).reshape(b, kh, g, t, s)
+    logits = jnp.where(m, logits, jnp.finfo(logits.dtype).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
+  probs = dropout(probs, dropout_rate, rng)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+  return out.reshape(b, t, h, d)
+
+
+def bottleneck_adapter(p: Params, h: jax.Array, activation: str = "relu") -> jax.Array:
+  """Bottleneck adapter ``h + up(f(down(h)))`` (Houlsby et al., arXiv 1902.00751).
+
+  Args:
+    p: ``{"down": {"kernel": [D, m], "bias": [m]}, "up": {"kernel": [m, D], "bias": [D]}}``;
+      the kernels may be lazy.
+    h: ``[..., D]``.
+    activation: a key of :data:`ACTIVATIONS`.
+  """
+  f = ACTIVATIONS[activation]
+  return h + dense(p["up"], f(dense(p["down"], h)))
