@@ -36,6 +36,7 @@ __all__ = [
   "LeafMethod",
   "MatrixView",
   "adapt",
+  "adapt_with_bias",
   "chain",
   "initialize",
   "merge",
@@ -272,3 +273,84 @@ def unmerge(reparam: Reparam, theta: PyTree, phi: PyTree) -> PyTree:
   if reparam.unmerge is None:
     raise NotImplementedError("this reparam cannot be unmerged (its update depends on the base)")
   return reparam.unmerge(theta, phi)
+
+
+def adapt_with_bias(method: LeafMethod, where: tree_lib.Where,
+                    bias_apply: Callable[..., Any], *,
+                    bias_unmerge: Optional[Callable[..., Any]] = None,
+                    bias_name: str = "bias", requires_bias: bool = False) -> Reparam:
+  """:func:`adapt` for methods whose per-module parameters also change the bias (IA3, GLoRA).
+
+  ``phi`` lives at the selected (kernel) leaves exactly as in :func:`adapt`. After the
+  kernels are adapted, the sibling leaf named ``bias_name`` of each selected leaf
+  (``.../query/kernel`` -> ``.../query/bias``) becomes ``bias_apply(w0, b0, phi_leaf,
+  view)``, with ``w0`` the frozen kernel (possibly lazy).
+
+  Args:
+    method: the per-leaf method for the kernels.
+    where: selection of the kernels.
+    bias_apply: ``(w0, b0, phi_leaf, view) -> b``.
+    bias_unmerge: ``(w0, b, phi_leaf, view) -> b0`` given the unmerged kernel ``w0``;
+      with ``method.unmerge_leaf`` it makes the reparam invertible.
+    bias_name: the name of the bias leaf beside each kernel.
+    requires_bias: raise at init when a selected kernel has no sibling bias.
+
+  Returns:
+    A :class:`Reparam`.
+  """
+  inner = adapt(method, where)
+
+  def _kernels(theta, phi):
+    items = tree_lib.flatten_with_paths(theta)
+    treedef = jax.tree_util.tree_structure(theta, is_leaf=lazy.is_lazy)
+    phis = treedef.flatten_up_to(phi)
+    kernels = {}
+    for (path, w), p in zip(items, phis):
+      if p is None:
+        continue
+      parent = path.rpartition("/")[0]
+      if parent in kernels:
+        raise ValueError(f"{method.name}: leaves '{kernels[parent][0]}' and '{path}' share a "
+                         f"module; select one kernel per module")
+      kernels[parent] = (path, w, p)
+    return items, treedef, phis, kernels
+
+  def _map_bias(theta_out, theta0, phi, fn):
+    items, treedef, phis, kernels = _kernels(theta0, phi)
+    leaves = treedef.flatten_up_to(theta_out)
+    for i, ((path, b), p) in enumerate(zip(items, phis)):
+      parent, _, name = path.rpartition("/")
+      if name == bias_name and p is None and parent in kernels:
+        kpath, w0, kp = kernels[parent]
+        leaves[i] = fn(kpath, w0, b, kp)
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+  def init_with_base(key, theta0):
+    base, phi = inner.init_with_base(key, theta0)
+    if requires_bias:
+      paths = set(tree_lib.leaf_paths(theta0))
+      for parent, (kpath, _, _) in _kernels(theta0, phi)[3].items():
+        bpath = f"{parent}/{bias_name}" if parent else bias_name
+        if bpath not in paths:
+          raise ValueError(f"{method.name}: adapted leaf '{kpath}' has no sibling '{bias_name}' "
+                           f"leaf, which this configuration trains (expected '{bpath}')")
+    return base, phi
+
+  def init(key, theta0):
+    if method.rewrites_base:
+      raise ValueError(f"{method.name} rewrites the frozen base; use lowrank_jax.initialize")
+    return init_with_base(key, theta0)[1]
+
+  def apply(theta0, phi, rng: Optional[Key] = None):
+    theta = inner.apply(theta0, phi, rng)
+    return _map_bias(theta, theta0, phi,
+                     lambda kpath, w0, b, p: bias_apply(w0, b, p, method.view(kpath, w0)))
+
+  unmerge_fn = None
+  if inner.unmerge is not None and bias_unmerge is not None:
+    def unmerge_fn(theta, phi):
+      theta0 = inner.unmerge(theta, phi)
+      return _map_bias(theta0, theta0, phi,
+                       lambda kpath, w0, b, p: bias_unmerge(w0, b, p, method.view(kpath, w0)))
+
+  return Reparam(init=init, apply=apply, init_with_base=init_with_base, unmerge=unmerge_fn)
