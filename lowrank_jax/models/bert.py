@@ -45,6 +45,7 @@ Hooks for methods that need the model's cooperation:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Any, Literal, Optional, Sequence
@@ -61,6 +62,7 @@ __all__ = [
   "bert_rules",
   "load_bert",
   "load_minilm",
+  "init_bert",
   "minilm_path",
   "bert_forward",
   "bert_pooler",
@@ -139,6 +141,40 @@ def load_minilm(dtype=jnp.float32) -> tuple[BertConfig, PyTree]:
   return load_bert(minilm_path(), dtype)
 
 
+def init_bert(key: jax.Array, config: BertConfig, dtype=jnp.float32, pooler: bool = True) -> PyTree:
+  """Random BERT parameters (HF init: matrices ``~ N(0, 0.02^2)``, biases 0, LayerNorm 1/0).
+
+  For tests and small experiments; the layout is the one :func:`load_bert` returns.
+  Compiled as one program (``jax.jit``), so it is fast and works under ``jax.eval_shape``.
+  """
+  return _init_bert(key, config, jnp.dtype(dtype), pooler)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _init_bert(key, config: BertConfig, dtype, pooler: bool) -> PyTree:
+  d, f = config.hidden_size, config.intermediate_size
+
+  def lin(i, o):
+    return {"kernel": ("normal", (i, o)), "bias": ("zeros", (o,))}
+
+  ln = {"scale": ("ones", (d,)), "bias": ("zeros", (d,))}
+  spec = {
+    "embeddings": {"word_embeddings": {"embedding": ("normal", (config.vocab_size, d))},
+                   "position_embeddings": {"embedding": ("normal", (config.max_position_embeddings, d))},
+                   "token_type_embeddings": {"embedding": ("normal", (config.type_vocab_size, d))},
+                   "LayerNorm": ln},
+    "encoder": {f"layer_{i}": {
+        "attention": {"query": lin(d, d), "key": lin(d, d), "value": lin(d, d),
+                      "output": {**lin(d, d), "LayerNorm": ln}},
+        "intermediate": lin(d, f),
+        "output": {**lin(f, d), "LayerNorm": ln},
+    } for i in range(config.num_hidden_layers)},
+  }
+  if pooler:
+    spec["pooler"] = lin(d, d)
+  return layers.init_from_spec(key, spec, dtype, std=0.02)
+
+
 def _check_params(config: BertConfig, params: PyTree) -> None:
   want = ["embeddings", "encoder"]
   missing = [k for k in want if k not in params]
@@ -153,13 +189,15 @@ def _prefix_heads(p, batch: int, config: BertConfig, dtype) -> jax.Array:
   """A prefix of shape ``[P, D]``, ``[B, P, D]`` or ``[B, P, H, Dh]`` as ``[B, P, H, Dh]``."""
   h, dh = config.num_attention_heads, config.head_dim
   p = jnp.asarray(p)
-  if p.ndim == 2:
-    p = jnp.broadcast_to(p[None], (batch,) + p.shape)
-  if p.ndim == 3:
-    p = p.reshape(p.shape[0], p.shape[1], h, dh)
-  if p.ndim != 4 or p.shape[2:] != (h, dh) or p.shape[0] not in (1, batch):
+  ok = ((p.ndim in (2, 3) and p.shape[-1] == h * dh) or (p.ndim == 4 and p.shape[2:] == (h, dh)))
+  ok = ok and (p.ndim == 2 or p.shape[0] in (1, batch))
+  if not ok:
     raise ValueError(f"prefix of shape {p.shape} does not fit batch {batch}, {h} heads of {dh}; "
                      f"expected [P, {h * dh}], [B, P, {h * dh}] or [B, P, {h}, {dh}]")
+  if p.ndim == 2:
+    p = p[None]
+  if p.ndim == 3:
+    p = p.reshape(p.shape[0], p.shape[1], h, dh)
   return jnp.broadcast_to(p, (batch,) + p.shape[1:]).astype(dtype)
 
 

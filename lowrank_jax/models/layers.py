@@ -19,6 +19,7 @@ attention for training steps (and it supports attention-probability dropout).
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Literal, Mapping, Optional
 
 import jax
@@ -37,6 +38,7 @@ __all__ = [
   "split_heads",
   "merge_heads",
   "bottleneck_adapter",
+  "init_from_spec",
   "ACTIVATIONS",
 ]
 
@@ -202,3 +204,31 @@ def bottleneck_adapter(p: Params, h: jax.Array, activation: str = "relu") -> jax
   """
   f = ACTIVATIONS[activation]
   return h + dense(p["up"], f(dense(p["down"], h)))
+
+
+def _is_spec(x) -> bool:
+  return isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str)
+
+
+def init_from_spec(key: jax.Array, spec: Any, dtype=jnp.float32, std: float = 0.02) -> Any:
+  """Random parameters from a spec tree of ``(kind, shape)`` leaves.
+
+  ``kind`` is ``"normal"`` (``N(0, std^2)``), ``"ones"`` or ``"zeros"``. All normal
+  leaves are slices of *one* ``jax.random.normal`` draw (in float32, then cast), which
+  compiles far faster than one random call per leaf. Call it under ``jax.jit``.
+  """
+  leaves, treedef = jax.tree.flatten(spec, is_leaf=_is_spec)
+  for leaf in leaves:
+    if not _is_spec(leaf) or leaf[0] not in ("normal", "ones", "zeros"):
+      raise ValueError(f"init spec leaves must be (kind, shape) with kind normal|ones|zeros, got {leaf!r}")
+  n = sum(math.prod(shape) for kind, shape in leaves if kind == "normal")
+  flat = std * jax.random.normal(key, (n,), jnp.float32) if n else None
+  out, offset = [], 0
+  for kind, shape in leaves:
+    if kind == "normal":
+      size = math.prod(shape)
+      out.append(flat[offset:offset + size].reshape(shape).astype(dtype))
+      offset += size
+    else:
+      out.append((jnp.ones if kind == "ones" else jnp.zeros)(shape, dtype))
+  return jax.tree.unflatten(treedef, out)

@@ -28,6 +28,7 @@ weights here: :func:`init_llama` draws random ones (``N(0, 0.02^2)``, norms at o
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Literal, Optional
 
 import jax
@@ -98,45 +99,48 @@ def llama_param_count(config: LlamaConfig) -> int:
   return c.vocab_size * d + c.num_layers * per_layer + d + head
 
 
-def _shapes(config: LlamaConfig) -> dict:
+def _layer_spec(config: LlamaConfig) -> dict:
   c = config
   d, f, hd = c.hidden_size, c.intermediate_size, c.dim_head
-  layer = {
-    "input_norm": {"scale": (d,)},
-    "attention": {"q_proj": {"kernel": (d, c.num_heads * hd)},
-                  "k_proj": {"kernel": (d, c.kv_heads * hd)},
-                  "v_proj": {"kernel": (d, c.kv_heads * hd)},
-                  "o_proj": {"kernel": (c.num_heads * hd, d)}},
-    "post_attention_norm": {"scale": (d,)},
-    "mlp": {"gate_proj": {"kernel": (d, f)}, "up_proj": {"kernel": (d, f)},
-            "down_proj": {"kernel": (f, d)}},
+  return {
+    "input_norm": {"scale": ("ones", (d,))},
+    "attention": {"q_proj": {"kernel": ("normal", (d, c.num_heads * hd))},
+                  "k_proj": {"kernel": ("normal", (d, c.kv_heads * hd))},
+                  "v_proj": {"kernel": ("normal", (d, c.kv_heads * hd))},
+                  "o_proj": {"kernel": ("normal", (c.num_heads * hd, d))}},
+    "post_attention_norm": {"scale": ("ones", (d,))},
+    "mlp": {"gate_proj": {"kernel": ("normal", (d, f))}, "up_proj": {"kernel": ("normal", (d, f))},
+            "down_proj": {"kernel": ("normal", (f, d))}},
   }
-  tree = {"embed_tokens": {"embedding": (c.vocab_size, d)},
-          "layers": {f"layer_{i}": layer for i in range(c.num_layers)},
-          "norm": {"scale": (d,)}}
+
+
+def _outer_spec(config: LlamaConfig) -> dict:
+  c = config
+  spec = {"embed_tokens": {"embedding": ("normal", (c.vocab_size, c.hidden_size))},
+          "norm": {"scale": ("ones", (c.hidden_size,))}}
   if not c.tie_word_embeddings:
-    tree["lm_head"] = {"kernel": (d, c.vocab_size)}
-  return tree
+    spec["lm_head"] = {"kernel": ("normal", (c.hidden_size, c.vocab_size))}
+  return spec
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _init_part(key, config: LlamaConfig, dtype, part: str) -> PyTree:
+  spec = _layer_spec(config) if part == "layer" else _outer_spec(config)
+  return layers.init_from_spec(key, spec, dtype, std=config.init_std)
 
 
 def init_llama(key: jax.Array, config: LlamaConfig, dtype=jnp.float32) -> PyTree:
   """Random parameters: matrices ``~ N(0, init_std^2)`` (drawn in float32), norm scales 1.
 
-  Each leaf gets its own key (``fold_in`` of its index), so ``jax.eval_shape`` of this
-  function gives the abstract tree without allocating anything.
+  One compiled program initialises a layer (compiled once, called per layer with
+  ``fold_in(key, i)``), another the embeddings and head, so even a 1B model compiles
+  quickly; ``jax.eval_shape(init_llama, ...)`` gives the abstract tree without allocating.
   """
-  shapes = _shapes(config)
-  leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
-  paths = [jax.tree_util.keystr(p) for p, _ in
-           jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))[0]]
-  out = []
-  for i, (shape, path) in enumerate(zip(leaves, paths)):
-    if "scale" in path:
-      out.append(jnp.ones(shape, dtype))
-    else:
-      k = jax.random.fold_in(key, i)
-      out.append((config.init_std * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
-  return jax.tree.unflatten(treedef, out)
+  dtype = jnp.dtype(dtype)
+  params = dict(_init_part(jax.random.fold_in(key, config.num_layers), config, dtype, "outer"))
+  params["layers"] = {f"layer_{i}": _init_part(jax.random.fold_in(key, i), config, dtype, "layer")
+                      for i in range(config.num_layers)}
+  return params
 
 
 def rope_angles(positions: jax.Array, head_dim: int, theta: float = 10000.0) -> tuple[jax.Array, jax.Array]:

