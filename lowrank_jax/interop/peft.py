@@ -1,0 +1,357 @@
+"""Hugging Face PEFT adapter folders <-> ``(reparam, phi)``.
+
+A PEFT adapter folder (``save_pretrained``) holds
+
+* ``adapter_config.json``: the ``LoraConfig`` (``peft_type``, ``r``, ``lora_alpha``,
+  ``use_rslora``, ``use_dora``, ``target_modules``, ... and any number of other keys,
+  which a loader must tolerate);
+* ``adapter_model.safetensors`` (metadata ``{"format": "pt"}``), with tensors named
+  ``base_model.model.<module path>.<param>``: ``lora_A.weight`` ``[r, in]``,
+  ``lora_B.weight`` ``[out, r]``, for DoRA ``lora_magnitude_vector`` ``[out]`` (no
+  ``.weight``), for AdaLoRA ``lora_A`` / ``lora_E`` / ``lora_B`` (no ``.weight``).
+
+Our LoRA ``phi`` leaf is ``{"a": lora_A.T [in, r], "b": lora_B.T [r, out]}`` (+ ``"m"``
+for DoRA, the magnitude vector as is; ``{"a", "e", "b"}`` for AdaLoRA), at the tree
+path of the adapted kernel. Module names map to tree paths by a user-supplied
+function; the default, :func:`bert_module_to_path`, is the Hugging Face BERT layout
+of :mod:`lowrank_jax.models.bert` (``encoder.layer.0.attention.self.query`` ->
+``encoder/layer_0/attention/query/kernel``). GPT-2 style ``fan_in_fan_out`` adapters
+need no special case here: peft stores the same ``A``/``B`` shapes and our kernels are
+``[in, out]`` either way.
+
+Tensors are read and written with ``safetensors.numpy`` (never torch). Exports are
+atomic: the folder is written under a temporary name next to the target and renamed
+into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lowrank_jax import lazy, tree as tree_lib
+from lowrank_jax.reparam import Reparam
+
+__all__ = [
+  "CONFIG_NAME",
+  "WEIGHTS_NAME",
+  "PeftAdapter",
+  "bert_module_to_path",
+  "bert_path_to_module",
+  "read_peft_folder",
+  "load_peft_adapter",
+  "save_peft_adapter",
+  "lora_config",
+]
+
+PyTree = Any
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+_PARAM_RE = re.compile(
+    r"^(?P<module>.+)\.(?P<param>lora_A\.weight|lora_B\.weight|lora_magnitude_vector|"
+    r"lora_A|lora_B|lora_E)$")
+
+
+# --------------------------------------------------------------------------- name mapping
+
+_BERT_TO_PATH = [
+  (re.compile(r"^encoder\.layer\.(\d+)\.attention\.self\.(query|key|value)$"),
+   r"encoder/layer_\1/attention/\2/kernel"),
+  (re.compile(r"^encoder\.layer\.(\d+)\.attention\.output\.dense$"), r"encoder/layer_\1/attention/output/kernel"),
+  (re.compile(r"^encoder\.layer\.(\d+)\.intermediate\.dense$"), r"encoder/layer_\1/intermediate/kernel"),
+  (re.compile(r"^encoder\.layer\.(\d+)\.output\.dense$"), r"encoder/layer_\1/output/kernel"),
+  (re.compile(r"^pooler\.dense$"), r"pooler/kernel"),
+]
+_PATH_TO_BERT = [
+  (re.compile(r"^encoder/layer_(\d+)/attention/(query|key|value)/kernel$"),
+   r"encoder.layer.\1.attention.self.\2"),
+  (re.compile(r"^encoder/layer_(\d+)/attention/output/kernel$"), r"encoder.layer.\1.attention.output.dense"),
+  (re.compile(r"^encoder/layer_(\d+)/intermediate/kernel$"), r"encoder.layer.\1.intermediate.dense"),
+  (re.compile(r"^encoder/layer_(\d+)/output/kernel$"), r"encoder.layer.\1.output.dense"),
+  (re.compile(r"^pooler/kernel$"), r"pooler.dense"),
+]
+
+
+def _map(rules, name: str, what: str) -> str:
+  for rx, repl in rules:
+    if rx.match(name):
+      return rx.sub(repl, name)
+  raise KeyError(f"no {what} mapping for {name!r}; pass your own module_to_path / path_to_module")
+
+
+def bert_module_to_path(module: str) -> str:
+  """Hugging Face BERT module name -> our tree path (:mod:`lowrank_jax.models.bert`).
+
+  ``encoder.layer.{i}.attention.self.{query,key,value}`` -> ``encoder/layer_{i}/attention/{q,k,v}/kernel``,
+  ``...attention.output.dense`` -> ``.../attention/output/kernel``,
+  ``...intermediate.dense`` -> ``.../intermediate/kernel``, ``...output.dense`` ->
+  ``.../output/kernel``; a leading ``bert.`` (``BertFor*`` models) is dropped.
+  """
+  return _map(_BERT_TO_PATH, module[5:] if module.startswith("bert.") else module, "module -> path")
+
+
+def bert_path_to_module(path: str) -> str:
+  """Inverse of :func:`bert_module_to_path`."""
+  return _map(_PATH_TO_BERT, path, "path -> module")
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_peft_folder(folder: str | os.PathLike) -> tuple[dict, dict[str, dict[str, np.ndarray]]]:
+  """``(config, {module: {param: array}})`` of an adapter folder, torch layouts as stored.
+
+  ``param`` is ``lora_A``, ``lora_B``, ``lora_magnitude_vector`` or ``lora_E`` (the
+  ``.weight`` suffix dropped). Works for any adapter of the LoRA family, including those
+  this library cannot apply.
+  """
+  from safetensors.numpy import load_file
+  folder = os.fspath(folder)
+  cfg_path, w_path = os.path.join(folder, CONFIG_NAME), os.path.join(folder, WEIGHTS_NAME)
+  if not os.path.exists(cfg_path):
+    raise FileNotFoundError(f"no {CONFIG_NAME} in {folder}")
+  if not os.path.exists(w_path):
+    if os.path.exists(os.path.join(folder, "adapter_model.bin")):
+      raise ValueError(f"{folder} holds a legacy pickled adapter_model.bin; only safetensors "
+                       f"adapters can be read without torch")
+    raise FileNotFoundError(f"no {WEIGHTS_NAME} in {folder}")
+  with open(cfg_path) as f:
+    config = json.load(f)
+  modules: dict[str, dict[str, np.ndarray]] = {}
+  for name, arr in load_file(w_path).items():
+    if not name.startswith(PREFIX):
+      raise ValueError(f"unexpected tensor name {name!r} in {w_path} (expected the prefix {PREFIX!r})")
+    m = _PARAM_RE.match(name[len(PREFIX):])
+    if m is None:
+      raise ValueError(f"unsupported adapter tensor {name!r} in {w_path}; supported: lora_A.weight, "
+                       f"lora_B.weight, lora_magnitude_vector, lora_E")
+    param = m.group("param").replace(".weight", "")
+    modules.setdefault(m.group("module"), {})[param] = arr
+  return config, modules
+
+
+class PeftAdapter(NamedTuple):
+  """An imported adapter: apply with ``reparam.apply(theta0, phi)``; ``config`` is the
+  ``adapter_config.json`` contents (kept for a faithful re-export)."""
+  reparam: Reparam
+  phi: PyTree
+  config: dict
+
+
+def _check_supported(config: dict) -> str:
+  kind = config.get("peft_type")
+  if kind not in ("LORA", "ADALORA"):
+    raise NotImplementedError(f"peft_type {kind!r} is not supported (LORA, ADALORA)")
+  if config.get("bias", "none") != "none" or config.get("lora_bias"):
+    raise NotImplementedError(f"adapters with trained biases (bias={config.get('bias')!r}, "
+                              f"lora_bias={config.get('lora_bias')}) are not supported")
+  if config.get("modules_to_save"):
+    raise NotImplementedError(f"modules_to_save={config['modules_to_save']} is not supported")
+  for key in ("rank_pattern", "alpha_pattern"):
+    if kind == "LORA" and config.get(key):
+      raise NotImplementedError(f"per-module {key} {config[key]} is not supported yet")
+  return kind
+
+
+def load_peft_adapter(folder: str | os.PathLike, theta0: PyTree, *,
+                      module_to_path: Callable[[str], str] = bert_module_to_path,
+                      dtype=jnp.float32) -> PeftAdapter:
+  """Imports a PEFT LoRA / DoRA / AdaLoRA adapter folder onto our parameter tree.
+
+  Args:
+    folder: the adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``).
+    theta0: the base parameters (arrays or ``jax.ShapeDtypeStruct``), used for the tree
+      structure and to check every adapter shape against its kernel.
+    module_to_path: peft module name -> our leaf path.
+    dtype: dtype of the imported adapter arrays.
+
+  Returns:
+    A :class:`PeftAdapter` ``(reparam, phi, config)``; ``phi`` mirrors ``theta0`` with
+    ``None`` at the leaves the adapter does not touch.
+  """
+  config, modules = read_peft_folder(folder)
+  kind = _check_supported(config)
+  use_dora = bool(config.get("use_dora"))
+  items = tree_lib.flatten_with_paths(theta0)
+  index = {p: i for i, (p, _) in enumerate(items)}
+  leaves: list[Optional[dict]] = [None] * len(items)
+  ranks = set()
+  for module, params in modules.items():
+    path = module_to_path(module)
+    if path not in index:
+      raise KeyError(f"adapter module {module!r} maps to path {path!r}, which is not in the base "
+                     f"tree; paths near it: {[p for p in index if p.rsplit('/', 1)[0] == path.rsplit('/', 1)[0]]}")
+    w = items[index[path]][1]
+    leaf = _leaf_from_peft(kind, use_dora, module, path, params, tuple(w.shape), dtype)
+    ranks.add(int(leaf["a"].shape[1]))
+    leaves[index[path]] = leaf
+  if not modules:
+    raise ValueError(f"{folder} holds no adapter tensors")
+  treedef = jax.tree_util.tree_structure(theta0, is_leaf=lazy.is_lazy)
+  phi = jax.tree_util.tree_unflatten(treedef, leaves)
+  mask = jax.tree_util.tree_unflatten(treedef, [l is not None for l in leaves])
+  return PeftAdapter(reparam=_reparam(kind, config, mask, ranks), phi=phi, config=config)
+
+
+def _leaf_from_peft(kind, use_dora, module, path, params, shape, dtype) -> dict:
+  expect = {"lora_A", "lora_B"} | ({"lora_E"} if kind == "ADALORA" else set()) | (
+      {"lora_magnitude_vector"} if use_dora else set())
+  if set(params) != expect:
+    raise ValueError(f"module {module!r}: tensors {sorted(params)} but a {kind}"
+                     f"{' (DoRA)' if use_dora else ''} adapter needs {sorted(expect)}")
+  A, B = params["lora_A"], params["lora_B"]
+  if len(shape) != 2:
+    raise ValueError(f"module {module!r} -> '{path}': base leaf has shape {shape}, not a matrix")
+  d_in, d_out = shape
+  if A.ndim != 2 or B.ndim != 2 or A.shape[1] != d_in or B.shape[0] != d_out or A.shape[0] != B.shape[1]:
+    raise ValueError(f"module {module!r} -> '{path}': lora_A {A.shape} [r, in] and lora_B {B.shape} "
+                     f"[out, r] do not fit the kernel {shape} [in, out]")
+  leaf = {"a": jnp.asarray(A.T, dtype), "b": jnp.asarray(B.T, dtype)}
+  if kind == "ADALORA":
+    leaf = {"a": leaf["a"], "e": jnp.asarray(params["lora_E"].reshape(-1), dtype), "b": leaf["b"]}
+  if use_dora:
+    m = params["lora_magnitude_vector"]
+    if m.shape != (d_out,):
+      raise ValueError(f"module {module!r} -> '{path}': lora_magnitude_vector {m.shape} != ({d_out},)")
+    leaf["m"] = jnp.asarray(m, dtype)
+  return leaf
+
+
+def _reparam(kind: str, config: dict, mask: PyTree, ranks: set) -> Reparam:
+  if kind == "ADALORA":
+    from lowrank_jax.methods.adalora import adalora
+    init_r = int(config.get("init_r", 12))
+    if config.get("rank_pattern") or ranks != {init_r}:
+      raise NotImplementedError(
+          f"AdaLoRA adapters resized by a rank_pattern (tensor ranks {sorted(ranks)}, init_r={init_r}) "
+          f"are not supported; peft's scaling of resized modules depends on how they were loaded")
+    return adalora(mask, init_r=init_r, alpha=config.get("lora_alpha", 8))
+  if len(ranks) != 1:
+    raise NotImplementedError(f"adapter has several ranks {sorted(ranks)} without a rank_pattern")
+  rank = ranks.pop()
+  if rank != int(config.get("r", rank)):
+    raise ValueError(f"adapter tensors have rank {rank} but adapter_config.json says r={config.get('r')}")
+  kw = dict(rank=rank, alpha=config.get("lora_alpha", 8), rslora=bool(config.get("use_rslora")),
+            dropout=float(config.get("lora_dropout") or 0.0))
+  if config.get("use_dora"):
+    from lowrank_jax.methods.dora import dora
+    return dora(mask, **kw)
+  from lowrank_jax.methods.lora import lora
+  return lora(mask, **kw)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def lora_config(rank: int, alpha: float, target_modules: list[str], *, use_rslora: bool = False,
+                use_dora: bool = False, lora_dropout: float = 0.0,
+                base_model_name_or_path: Optional[str] = None, **extra) -> dict:
+  """A complete enough ``adapter_config.json`` for peft's ``PeftModel.from_pretrained``."""
+  cfg = {
+    "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base_model_name_or_path,
+    "revision": None, "inference_mode": True, "r": int(rank), "lora_alpha": alpha,
+    "lora_dropout": float(lora_dropout), "target_modules": sorted(set(target_modules)),
+    "bias": "none", "fan_in_fan_out": False, "use_rslora": bool(use_rslora),
+    "use_dora": bool(use_dora), "init_lora_weights": True, "modules_to_save": None,
+    "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "layers_pattern": None,
+    "lora_bias": False,
+  }
+  cfg.update(extra)
+  return cfg
+
+
+def _is_adapter_leaf(x) -> bool:
+  return isinstance(x, dict) and "a" in x and "b" in x
+
+
+def save_peft_adapter(folder: str | os.PathLike, phi: PyTree, config: Optional[dict] = None, *,
+                      rank: Optional[int] = None, alpha: Optional[float] = None,
+                      use_rslora: bool = False,
+                      path_to_module: Callable[[str], str] = bert_path_to_module,
+                      base_model_name_or_path: Optional[str] = None,
+                      overwrite: bool = False) -> None:
+  """Writes ``phi`` as a PEFT adapter folder, atomically.
+
+  Args:
+    folder: target folder (must not exist unless ``overwrite``).
+    phi: LoRA / DoRA / AdaLoRA parameters (``None`` holes); DoRA leaves carry ``"m"``.
+    config: an ``adapter_config.json`` dict to write as is (e.g. from
+      :func:`load_peft_adapter`); if ``None``, built by :func:`lora_config` from
+      ``rank``, ``alpha``, ``use_rslora`` and the module names.
+    rank, alpha, use_rslora: the LoRA hyper-parameters when ``config`` is ``None``.
+    path_to_module: our leaf path -> peft module name.
+    base_model_name_or_path: recorded in a generated config.
+    overwrite: replace an existing folder.
+  """
+  from safetensors.numpy import save_file
+  folder = os.path.abspath(os.fspath(folder))
+  tensors: dict[str, np.ndarray] = {}
+  modules = []
+  dora = adalora = False
+  for path, leaf in _adapter_items(phi):
+    module = path_to_module(path)
+    modules.append(module)
+    base = PREFIX + module
+    a, b = np.asarray(leaf["a"]), np.asarray(leaf["b"])
+    if "e" in leaf:
+      adalora = True
+      tensors[base + ".lora_A"] = np.ascontiguousarray(a.T)
+      tensors[base + ".lora_E"] = np.ascontiguousarray(np.asarray(leaf["e"]).reshape(-1, 1))
+      tensors[base + ".lora_B"] = np.ascontiguousarray(b.T)
+    else:
+      tensors[base + ".lora_A.weight"] = np.ascontiguousarray(a.T)
+      tensors[base + ".lora_B.weight"] = np.ascontiguousarray(b.T)
+    if "m" in leaf:
+      dora = True
+      tensors[base + ".lora_magnitude_vector"] = np.ascontiguousarray(np.asarray(leaf["m"]))
+  if not tensors:
+    raise ValueError("save_peft_adapter: phi holds no adapter leaf ({'a', 'b'} dicts)")
+  if config is None:
+    if adalora:
+      raise ValueError("save_peft_adapter: pass the AdaLoRA config dict (init_r, target_r, ...)")
+    ranks = {int(np.shape(l["a"])[1]) for _, l in _adapter_items(phi)}
+    if rank is None:
+      if len(ranks) != 1:
+        raise ValueError(f"phi has several ranks {sorted(ranks)}; pass rank= and a config with rank_pattern")
+      rank = ranks.pop()
+    # full module names: peft matches a target by equality or by "." + suffix, so short
+    # names such as "dense" would also adapt modules phi does not touch
+    config = lora_config(rank, rank if alpha is None else alpha, modules, use_rslora=use_rslora,
+                         use_dora=dora, base_model_name_or_path=base_model_name_or_path)
+  parent = os.path.dirname(folder)
+  os.makedirs(parent, exist_ok=True)
+  if os.path.exists(folder) and not overwrite:
+    raise FileExistsError(f"{folder} exists; pass overwrite=True to replace it")
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.tmp_", dir=parent)
+  try:
+    save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
+    with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
+      json.dump(config, f, indent=2, sort_keys=True)
+      f.write("\n")
+    if os.path.exists(folder):
+      old = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.old_", dir=parent)
+      os.rmdir(old)
+      os.replace(folder, old)
+      os.replace(tmp, folder)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.replace(tmp, folder)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def _adapter_items(phi: PyTree) -> list[tuple[str, dict]]:
+  leaves, _ = jax.tree_util.tree_flatten_with_path(
+      phi, is_leaf=lambda x: x is None or _is_adapter_leaf(x))
+  return [(tree_lib.path_str(p), x) for p, x in leaves if x is not None]
