@@ -151,6 +151,8 @@ def convert_state_dict(flat: Mapping[str, np.ndarray], rules: Sequence[Rule] = (
       value = np.ascontiguousarray(value.T)
     if dtype is not None and np.issubdtype(value.dtype, np.floating):
       value = value.astype(dtype)
+    if new in out:
+      raise ValueError(f"duplicate parameter name '{new}' after renaming (from '{name}')")
     out[new] = value
   return unflatten(out)
 
