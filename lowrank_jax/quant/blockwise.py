@@ -1,0 +1,217 @@
+"""Blockwise absmax quantization and the 8-bit dynamic codec (bitsandbytes-compatible).
+
+A flat tensor is cut into blocks of ``block_size`` consecutive elements (row-major
+order; the last block may be partial). Each block keeps its absolute maximum
+``m_b`` in float32, and each element is stored as the index of the nearest entry of
+a code book ``c`` for ``z = x / m_b``; decoding is ``x ≈ c[q] * m_b`` in float32.
+
+With the 8-bit dynamic map (Dettmers, "8-Bit Approximations for Parallelism in
+Deep Learning", arXiv 1511.04561; Dettmers et al., "8-bit Optimizers via
+Block-wise Quantization", arXiv 2110.02861) this is bitsandbytes'
+``quantize_blockwise`` / ``dequantize_blockwise`` (default block 256), used for the
+second level of QLoRA's double quantization and by 8-bit optimizers.
+
+Public API::
+
+    q = blockwise8_encode(x, block_size=256)   # Blockwise8 pytree
+    y = blockwise8_decode(q)                   # == q.decode(), in x.dtype
+    q.nbytes, q.bits_per_param
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lowrank_jax import lazy
+from lowrank_jax.quant import codebooks
+
+__all__ = [
+  "Blockwise8",
+  "blockwise8_encode",
+  "blockwise8_decode",
+  "check_block_size",
+  "check_float_input",
+  "block_absmax",
+  "code_index",
+  "SUPPORTED_DTYPES",
+]
+
+SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def check_block_size(block_size: int, what: str = "block_size") -> int:
+  """Raises unless ``block_size`` is a positive power of two."""
+  if (not isinstance(block_size, (int, np.integer)) or isinstance(block_size, bool)
+      or block_size < 1 or block_size & (block_size - 1)):
+    raise ValueError(f"{what} must be a positive power of two, got {block_size!r}")
+  return int(block_size)
+
+
+def check_float_input(x, codec: str, name: Optional[str] = None):
+  """Raises a clear error for an input the codecs cannot encode."""
+  where = f" for leaf '{name}'" if name else ""
+  if not hasattr(x, "dtype"):
+    x = np.asarray(x)
+  dtype = jnp.dtype(x.dtype)
+  if dtype not in SUPPORTED_DTYPES:
+    kind = "an integer" if jnp.issubdtype(dtype, jnp.integer) else "an unsupported"
+    raise TypeError(f"{codec}: cannot quantize {kind} tensor{where} of dtype {dtype} and shape "
+                    f"{tuple(x.shape)}; supported: float32, bfloat16, float16")
+  if int(np.prod(x.shape)) == 0:
+    raise ValueError(f"{codec}: cannot quantize an empty tensor{where} (shape {tuple(x.shape)})")
+  return dtype
+
+
+def _num_blocks(n: int, block_size: int) -> int:
+  return -(-n // block_size)
+
+
+def _blocked(flat: jax.Array, block_size: int) -> jax.Array:
+  """``[n] -> [num_blocks, block_size]``, zero-padding the last block."""
+  n = flat.shape[0]
+  nb = _num_blocks(n, block_size)
+  if nb * block_size != n:
+    flat = jnp.pad(flat, (0, nb * block_size - n))
+  return flat.reshape(nb, block_size)
+
+
+def block_absmax(flat: jax.Array, block_size: int) -> jax.Array:
+  """float32 ``max |x|`` of each block of a flat array (the last block may be partial)."""
+  return jnp.max(jnp.abs(_blocked(flat.astype(jnp.float32), block_size)), axis=1)
+
+
+def normalize_blocks(flat: jax.Array, absmax: jax.Array, block_size: int,
+                     mode: str = "divide") -> jax.Array:
+  """``z = x / m_b`` per block, returned flat (length ``n``).
+
+  ``mode="divide"`` divides (bitsandbytes' native CPU kernel); ``"reciprocal"``
+  multiplies full blocks by ``1 / max(m_b, 1e-38)`` and divides the partial tail block
+  (bitsandbytes' 4-bit quantizer). A zero block gives zeros.
+  """
+  n = flat.shape[0]
+  x = _blocked(flat.astype(jnp.float32), block_size)
+  safe = jnp.maximum(absmax, jnp.float32(1e-38))
+  if mode == "divide":
+    z = x / safe[:, None]
+  elif mode == "reciprocal":
+    z = x * (jnp.float32(1.0) / safe)[:, None]
+    if n % block_size:
+      z = z.at[-1].set(x[-1] / safe[-1])
+  else:
+    raise ValueError(f"unknown normalisation mode {mode!r}")
+  return jnp.clip(z.reshape(-1)[:n], -1.0, 1.0)
+
+
+def code_index(z: jax.Array, book: str, rounding: str = "nearest") -> jax.Array:
+  """Stored code (uint8) of normalised values ``z`` (see :mod:`codebooks`)."""
+  thresholds, order = codebooks.sorted_thresholds(book, rounding)
+  if thresholds.shape[0] <= 16:
+    # a handful of thresholds: an unrolled count that XLA fuses into one elementwise loop
+    if rounding == "bnb_cpu":
+      pos = sum((z >= jnp.float32(t)).astype(jnp.int32) for t in thresholds)
+    else:
+      pos = sum((z > jnp.float32(t)).astype(jnp.int32) for t in thresholds)
+  else:
+    side = "right" if rounding == "bnb_cpu" else "left"
+    pos = jnp.searchsorted(jnp.asarray(thresholds), z, side=side)
+  if np.array_equal(order, np.arange(order.size)):
+    return pos.astype(jnp.uint8)
+  return jnp.asarray(order)[pos].astype(jnp.uint8)
+
+
+def _nbytes(tree) -> int:
+  return sum(int(np.prod(l.shape)) * jnp.dtype(l.dtype).itemsize
+             for l in jax.tree_util.tree_leaves(tree) if hasattr(l, "dtype"))
+
+
+@lazy.pytree_dataclass(static=("shape", "dtype", "block_size", "rounding"))
+class Blockwise8:
+  """8-bit dynamic blockwise codes of a tensor: a pytree node.
+
+  Attributes:
+    codes: uint8 ``[n]``, indices into :data:`codebooks.DYNAMIC8_CODE`.
+    absmax: float32 ``[ceil(n / block_size)]``.
+    shape, dtype: the encoded tensor's shape and dtype (static).
+    block_size: elements per block (a power of two).
+    rounding: ``"bnb_cpu"`` or ``"nearest"`` (how values were coded; decoding is the same).
+  """
+  codes: jax.Array
+  absmax: jax.Array
+  shape: tuple[int, ...]
+  dtype: Any
+  block_size: int = 256
+  rounding: str = "bnb_cpu"
+
+  @classmethod
+  def encode(cls, x: jax.Array, block_size: int = 256, rounding: str = "bnb_cpu") -> "Blockwise8":
+    """Encodes ``x`` (float32/bfloat16/float16, any shape) in blocks of ``block_size``.
+
+    Args:
+      x: the tensor.
+      block_size: a power of two (bitsandbytes uses 256 for optimizer states and DQ).
+      rounding: ``"bnb_cpu"`` (default; bit-exact with bitsandbytes' CPU kernel) or
+        ``"nearest"`` (midpoint rounding, as bitsandbytes' CUDA kernel).
+
+    Returns:
+      A :class:`Blockwise8`.
+    """
+    dtype = check_float_input(x, "blockwise8")
+    block_size = check_block_size(block_size)
+    x = jnp.asarray(x)
+    flat = x.reshape(-1)
+    absmax = block_absmax(flat, block_size)
+    z = normalize_blocks(flat, absmax, block_size, "divide")
+    return cls(codes=code_index(z, "dynamic8", rounding), absmax=absmax, shape=tuple(x.shape),
+               dtype=dtype, block_size=block_size, rounding=rounding)
+
+  def validate(self) -> None:
+    n = int(np.prod(self.shape))
+    if tuple(self.codes.shape) != (n,):
+      raise ValueError(f"Blockwise8: codes have shape {tuple(self.codes.shape)} but shape "
+                       f"{self.shape} needs ({n},)")
+    nb = _num_blocks(n, self.block_size)
+    if tuple(self.absmax.shape) != (nb,):
+      raise ValueError(f"Blockwise8: absmax has shape {tuple(self.absmax.shape)} but shape "
+                       f"{self.shape} with block {self.block_size} needs ({nb},)")
+
+  def decode_float32(self) -> jax.Array:
+    """Flat float32 ``code[q] * absmax[block]`` (length ``n``)."""
+    self.validate()
+    n = self.codes.shape[0]
+    vals = jnp.asarray(codebooks.DYNAMIC8_CODE)[self.codes.astype(jnp.int32)]
+    out = _blocked(vals, self.block_size) * self.absmax[:, None]
+    return out.reshape(-1)[:n]
+
+  def decode(self, dtype=None) -> jax.Array:
+    """The tensor in ``dtype`` (default: the encoded dtype); the math is float32."""
+    dtype = self.dtype if dtype is None else jnp.dtype(dtype)
+    return self.decode_float32().reshape(self.shape).astype(dtype)
+
+  @property
+  def size(self) -> int:
+    return int(np.prod(self.shape))
+
+  @property
+  def nbytes(self) -> int:
+    """Bytes of the real buffers (codes + absmax)."""
+    return _nbytes(self)
+
+  @property
+  def bits_per_param(self) -> float:
+    return 8.0 * self.nbytes / self.size
+
+
+def blockwise8_encode(x: jax.Array, block_size: int = 256, rounding: str = "bnb_cpu") -> Blockwise8:
+  """Encodes ``x`` with the 8-bit dynamic blockwise codec (see :meth:`Blockwise8.encode`)."""
+  return Blockwise8.encode(x, block_size, rounding)
+
+
+def blockwise8_decode(q: Blockwise8, dtype=None) -> jax.Array:
+  """Decodes a :class:`Blockwise8` (to its own dtype unless ``dtype`` is given)."""
+  if not isinstance(q, Blockwise8):
+    raise TypeError(f"blockwise8_decode expects a Blockwise8, got {type(q).__name__}")
+  return q.decode(dtype)

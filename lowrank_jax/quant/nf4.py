@@ -1,0 +1,328 @@
+"""4-bit NF4 / FP4 codecs with double quantization: "NF4 as a custom dtype".
+
+QLoRA (Dettmers et al., arXiv 2305.14314) stores a frozen weight as 4-bit codes of
+``z = x / m_b`` for blocks of ``block_size`` (64) consecutive elements, with ``m_b``
+the block's absmax, and decodes ``x ≈ c[q] * m_b`` (float32 math). Double
+quantization (DQ) stores the absmaxes themselves in 8 bits: with the tensor-wide
+mean ``μ = mean(m)``, the centred ``m - μ`` is encoded by the 8-bit dynamic
+blockwise codec (block 256, :mod:`blockwise`), so ``m_b ≈ c8[q8_b] * M_{b//256} + μ``.
+Bits per parameter: ``4 + 32/64 = 4.5`` plain, ``4 + 8/64 + 32/(64·256) ≈ 4.127`` with DQ.
+
+The layout is bitsandbytes' (``quantize_4bit`` / ``dequantize_4bit``), bit for bit:
+row-major flattening, two codes a byte with the *first* element in the high
+nibble, an odd count zero-padded, full blocks scaled by the reciprocal
+``1 / max(m_b, 1e-38)`` (the partial tail block divides), codes chosen by the
+midpoints of the sorted code with ties to the lower code, the mean ``μ`` summed in
+torch's float32 order (see :func:`mean_torch_order`), and the DQ absmax coded by
+bitsandbytes' CPU 8-bit kernel (``rounding="bnb_cpu"``).
+
+Note on layout: bitsandbytes quantizes a torch ``nn.Linear.weight`` ``[out, in]``; a
+Flax kernel is ``[in, out]``, so the same weight has its blocks along another axis.
+A bnb checkpoint loads as ``Quant4`` of ``W.T`` (decode, then transpose).
+
+    q = Quant4.encode(w, block_size=64, double_quant=True, quant_type="nf4")
+    w_hat = q.decode(jnp.bfloat16)
+    q.nbytes, q.bits_per_param     # from the real buffers
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lowrank_jax import lazy
+from lowrank_jax.quant import codebooks
+from lowrank_jax.quant.blockwise import (Blockwise8, block_absmax, check_block_size,
+                                         check_float_input, code_index, normalize_blocks,
+                                         _blocked, _nbytes, _num_blocks)
+
+__all__ = [
+  "Quant4",
+  "nf4_encode",
+  "fp4_encode",
+  "mean_torch_order",
+  "pack_nibbles",
+  "unpack_nibbles",
+]
+
+QUANT_TYPES = ("nf4", "fp4")
+
+
+# --------------------------------------------------------------------------- packing
+
+def pack_nibbles(codes: jax.Array) -> jax.Array:
+  """uint8 codes ``< 16`` -> bytes, first of each pair in the high nibble (odd: zero pad)."""
+  codes = codes.astype(jnp.uint8)
+  if codes.shape[0] % 2:
+    codes = jnp.pad(codes, (0, 1))
+  pairs = codes.reshape(-1, 2)
+  return (pairs[:, 0] << 4) | pairs[:, 1]
+
+
+def unpack_nibbles(packed: jax.Array, n: int) -> jax.Array:
+  """Inverse of :func:`pack_nibbles`: the first ``n`` codes."""
+  codes = jnp.stack([packed >> 4, packed & 0xF], axis=-1).reshape(-1)
+  return codes if codes.shape[0] == n else codes[:n]
+
+
+# --------------------------------------------------------------- torch's float32 sum
+
+def _ceil_log2(x: int) -> int:
+  return 0 if x <= 1 else int(math.ceil(math.log2(x)))
+
+
+def _seq_sum(rows: jax.Array) -> jax.Array:
+  """Sum along axis 0 strictly left to right, starting from 0 (no reassociation)."""
+  zero = jnp.zeros(rows.shape[1:], rows.dtype)
+  if rows.shape[0] == 0:
+    return zero
+  if rows.shape[0] <= 32:
+    acc = zero
+    for i in range(rows.shape[0]):
+      acc = acc + rows[i]
+    return acc
+  return jax.lax.scan(lambda c, r: (c + r, None), zero, rows)[0]
+
+
+def _seq_sum_groups(x: jax.Array, step: int) -> jax.Array:
+  """``[m, ...] -> [m // step, ...]``: sequential sums of consecutive groups of ``step``."""
+  g = x.shape[0] // step
+  grouped = x[: g * step].reshape((g, step) + x.shape[1:])
+  return _seq_sum(jnp.moveaxis(grouped, 1, 0))
+
+
+def _cascade_sum(rows: jax.Array) -> jax.Array:
+  """Four-level cascade over ``rows [size, ...]`` in the order of ATen's ``multi_row_sum``."""
+  size = rows.shape[0]
+  power = max(4, _ceil_log2(size) // 4)
+  step = 1 << power
+  nchunks = size // step
+  chunk = _seq_sum_groups(rows[: nchunks * step], step)          # level 0 sums
+  tail0 = _seq_sum(rows[nchunks * step:])
+  l1 = _seq_sum_groups(chunk, step)
+  acc1 = _seq_sum(chunk[l1.shape[0] * step:])
+  l2 = _seq_sum_groups(l1, step)
+  acc2 = _seq_sum(l1[l2.shape[0] * step:])
+  acc3 = _seq_sum(l2)
+  return ((tail0 + acc1) + acc2) + acc3
+
+
+def mean_torch_order(x: jax.Array, lanes: int = 8) -> jax.Array:
+  """float32 mean of a 1-d array summed in the order of torch's CPU ``sum`` kernel.
+
+  bitsandbytes' double quantization subtracts ``absmax.mean()`` computed by torch;
+  summing in the same order (vector lanes of ``lanes`` floats, 4 interleaved
+  accumulators, a 4-level cascade, then the lanes left to right; ``lanes=8`` for
+  torch's AVX2 kernels) reproduces that float32 value exactly, where a pairwise or
+  float64 sum can differ in the last bit. Costs O(n) adds, negligible next to the
+  quantization itself.
+  """
+  x = x.astype(jnp.float32).reshape(-1)
+  n = x.shape[0]
+  nvec = n // lanes
+  vec = x[: nvec * lanes].reshape(nvec, lanes)
+  size_ilp = nvec // 4
+  ps = _cascade_sum(vec[: size_ilp * 4].reshape(size_ilp, 4, lanes))   # [4, lanes]
+  p0 = ps[0]
+  for i in range(size_ilp * 4, nvec):
+    p0 = p0 + vec[i]
+  for k in range(1, 4):
+    p0 = p0 + ps[k]
+  acc = jnp.float32(0.0)
+  for k in range(nvec * lanes, n):
+    acc = acc + x[k]
+  for k in range(lanes):
+    acc = acc + p0[k]
+  # a data-dependent divisor: XLA rewrites a division by a constant into a
+  # multiplication by its (rounded) reciprocal, which is not torch's float32 division
+  return acc / jnp.where(acc != acc, jnp.float32(1.0), jnp.float32(n))
+
+
+# ----------------------------------------------------------------------- the codec
+
+def _no_fma(p: jax.Array) -> jax.Array:
+  """``p`` unchanged (NaN included), behind a select that keeps XLA:CPU from contracting
+  ``p = a * b`` and a following ``p + c`` into one FMA: an FMA rounds once where
+  bitsandbytes rounds twice, which changes the last bit (``optimization_barrier`` is
+  removed before fusion and does not prevent it)."""
+  return jnp.where(p != p, jnp.float32(jnp.nan), p)
+
+
+@lazy.pytree_dataclass(static=("shape", "dtype", "block_size", "quant_type"))
+class Quant4:
+  """A tensor in 4-bit NF4/FP4 codes with (optionally double-quantized) block absmax.
+
+  Attributes:
+    packed: uint8 ``[ceil(n / 2)]``, two codes a byte, first element high nibble.
+    absmax: float32 ``[ceil(n / block_size)]``, or a :class:`Blockwise8` of
+      ``absmax - offset`` when double-quantized.
+    offset: float32 scalar ``μ`` (double quantization) or ``None``.
+    shift: optional float32 per-block shift ``τ`` added after decoding (IR-QLoRA's
+      information calibration; ``None`` for plain NF4).
+    shape, dtype: the encoded tensor's shape and dtype (static).
+    block_size: elements per block (power of two).
+    quant_type: ``"nf4"`` or ``"fp4"``.
+  """
+  packed: jax.Array
+  absmax: Union[jax.Array, Blockwise8]
+  offset: Optional[jax.Array]
+  shift: Optional[jax.Array]
+  shape: tuple[int, ...]
+  dtype: Any
+  block_size: int = 64
+  quant_type: str = "nf4"
+
+  # -- encoding
+  @classmethod
+  def encode(cls, x: jax.Array, block_size: int = 64, double_quant: bool = True,
+             quant_type: str = "nf4", dq_block_size: int = 256, name: Optional[str] = None,
+             shift: Optional[jax.Array] = None) -> "Quant4":
+    """Encodes ``x`` (float32/bfloat16/float16, any shape; the last block may be partial).
+
+    Args:
+      x: the tensor.
+      block_size: elements per absmax block, a power of two (QLoRA: 64).
+      double_quant: 8-bit-quantize the centred absmaxes (blocks of ``dq_block_size``).
+      quant_type: ``"nf4"`` or ``"fp4"``.
+      dq_block_size: block of the second-level 8-bit codec (bitsandbytes: 256).
+      name: leaf path used in error messages.
+      shift: optional per-block shift ``τ`` (float32 ``[num_blocks]``) subtracted before
+        and added after quantization (see :mod:`lowrank_jax.quant.icq`).
+
+    Returns:
+      A :class:`Quant4`.
+    """
+    if quant_type not in QUANT_TYPES:
+      raise ValueError(f"unknown 4-bit quant_type {quant_type!r}; expected 'nf4' or 'fp4'")
+    dtype = check_float_input(x, quant_type, name)
+    block_size = check_block_size(block_size)
+    x = jnp.asarray(x)
+    flat = x.reshape(-1).astype(jnp.float32)
+    n = flat.shape[0]
+    if shift is not None:
+      flat = (_blocked(flat, block_size) - shift[:, None]).reshape(-1)[:n]
+    absmax = block_absmax(flat, block_size)
+    z = normalize_blocks(flat, absmax, block_size, "reciprocal")
+    if n % 2:  # bitsandbytes pads the *value* 0: the code of 0 (NF4: 7, FP4: 0)
+      z = jnp.pad(z, (0, 1))
+    packed = pack_nibbles(code_index(z, quant_type))
+    offset = None
+    stored = absmax
+    if double_quant:
+      offset = mean_torch_order(absmax)
+      stored = Blockwise8.encode(absmax - offset, block_size=check_block_size(
+          dq_block_size, "dq_block_size"), rounding="bnb_cpu")
+    return cls(packed=packed, absmax=stored, offset=offset, shift=shift, shape=tuple(x.shape),
+               dtype=dtype, block_size=block_size, quant_type=quant_type)
+
+  # -- checks
+  @property
+  def size(self) -> int:
+    return int(np.prod(self.shape))
+
+  @property
+  def num_blocks(self) -> int:
+    return _num_blocks(self.size, self.block_size)
+
+  @property
+  def double_quant(self) -> bool:
+    return isinstance(self.absmax, Blockwise8)
+
+  @property
+  def code(self) -> np.ndarray:
+    return codebooks.code_book(self.quant_type)
+
+  def validate(self, shape: Optional[tuple[int, ...]] = None) -> None:
+    """Raises if the buffers do not fit ``shape`` (default: the stored shape)."""
+    if shape is not None and tuple(shape) != tuple(self.shape):
+      raise ValueError(f"{self.quant_type}: cannot decode a tensor of shape {tuple(self.shape)} "
+                       f"as shape {tuple(shape)}")
+    n = self.size
+    if tuple(self.packed.shape) != ((n + 1) // 2,):
+      raise ValueError(f"{self.quant_type}: packed codes have shape {tuple(self.packed.shape)} but "
+                       f"shape {self.shape} needs ({(n + 1) // 2},) bytes")
+    nb = self.num_blocks
+    am_shape = tuple(self.absmax.shape) if not self.double_quant else (self.absmax.size,)
+    if am_shape != (nb,):
+      raise ValueError(f"{self.quant_type}: absmax has shape {am_shape} but shape {self.shape} "
+                       f"with block {self.block_size} needs ({nb},)")
+    if self.double_quant:
+      self.absmax.validate()
+    if jnp.dtype(self.dtype) not in (jnp.float32, jnp.bfloat16, jnp.float16):
+      raise TypeError(f"{self.quant_type}: unsupported dtype {self.dtype}")
+
+  # -- decoding
+  def block_scales(self) -> jax.Array:
+    """float32 absmax per block (dequantized when double-quantized)."""
+    if self.double_quant:
+      return _no_fma(self.absmax.decode_float32()) + self.offset
+    return self.absmax
+
+  def decode_float32(self) -> jax.Array:
+    """float32 values ``c[q] * m_b (+ τ_b)``, shaped like the tensor."""
+    self.validate()
+    n = self.size
+    vals = jnp.asarray(self.code)[unpack_nibbles(self.packed, n).astype(jnp.int32)]
+    out = _blocked(vals, self.block_size) * self.block_scales()[:, None]
+    if self.shift is not None:
+      out = out + self.shift[:, None]
+    return out.reshape(-1)[:n].reshape(self.shape)
+
+  def decode(self, dtype=None, shape: Optional[tuple[int, ...]] = None) -> jax.Array:
+    """The tensor in ``dtype`` (default: the encoded dtype).
+
+    Args:
+      dtype: output dtype; the math is float32, then cast (as bitsandbytes).
+      shape: optional expected shape; a mismatch raises.
+    """
+    if shape is not None:
+      self.validate(shape)
+    if dtype is None:
+      dtype = self.dtype
+    dtype = jnp.dtype(dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise TypeError(f"{self.quant_type}: cannot decode to non-float dtype {dtype}")
+    return self.decode_float32().astype(dtype)
+
+  # -- sizes
+  @property
+  def nbytes(self) -> int:
+    """Bytes of the real buffers (codes, absmax or its 8-bit codes + second-level scales,
+    offset, shift). The constant code tables (64 B for 4-bit, 1 KiB for DQ) are shared
+    and not counted."""
+    return _nbytes(self)
+
+  @property
+  def bits_per_param(self) -> float:
+    """``8 * nbytes / n`` from the real buffers (NF4+DQ at block 64: 4.127)."""
+    return 8.0 * self.nbytes / self.size
+
+  def partition_spec(self, axis: Any):
+    """A pytree of ``PartitionSpec``: the large buffers split along ``axis``, the
+    second-level scales and offset replicated. Decoding a leaf placed with it
+    needs no communication when each shard holds whole blocks (e.g. rows of a
+    matrix whose row length is a multiple of ``block_size``)."""
+    from jax.sharding import PartitionSpec as P
+    big = P(axis)
+    if self.double_quant:
+      am = Blockwise8(codes=big, absmax=P(), shape=self.absmax.shape, dtype=self.absmax.dtype,
+                      block_size=self.absmax.block_size, rounding=self.absmax.rounding)
+    else:
+      am = big
+    return Quant4(packed=big, absmax=am, offset=None if self.offset is None else P(),
+                  shift=None if self.shift is None else big, shape=self.shape, dtype=self.dtype,
+                  block_size=self.block_size, quant_type=self.quant_type)
+
+
+def nf4_encode(x: jax.Array, block_size: int = 64, double_quant: bool = True, **kw) -> Quant4:
+  """NF4 codes of ``x`` (see :meth:`Quant4.encode`)."""
+  return Quant4.encode(x, block_size, double_quant, "nf4", **kw)
+
+
+def fp4_encode(x: jax.Array, block_size: int = 64, double_quant: bool = True, **kw) -> Quant4:
+  """FP4 codes of ``x`` (see :meth:`Quant4.encode`)."""
+  return Quant4.encode(x, block_size, double_quant, "fp4", **kw)
