@@ -277,6 +277,11 @@ def add_weighted_adapter(phis: Sequence[PyTree], weights: Sequence[float], scale
   columns = [treedef.flatten_up_to(p) for p in phis]
   paths = [p for p, _ in tree_lib.flatten_with_paths(jax.tree.map(
       lambda x: 0, phis[0], is_leaf=_is_hole_or_lora))]
+  for col in columns:
+    for path, l in zip(paths, col):
+      if l is not None and set(l) != {"a", "b"}:
+        raise ValueError(f"add_weighted_adapter merges plain LoRA leaves {{'a', 'b'}}; leaf '{path}' has "
+                         f"keys {sorted(l)} (DoRA's magnitude or AdaLoRA's e cannot be merged this way)")
   ranks = sorted({int(l["a"].shape[1]) for col in columns for l in col if l is not None})
   if not ranks:
     raise ValueError("add_weighted_adapter: the adapters hold no LoRA leaf ({'a', 'b'} dicts)")

@@ -185,6 +185,9 @@ def test_errors_and_single_adapter():
     mg.add_weighted_adapter(phis, [1, 1], [1, 1], "average")
   with pytest.raises(ValueError, match="density"):
     mg.add_weighted_adapter(phis, [1, 1], [1, 1], "ties")
+  dora_like = {"lin": {"kernel": {**phis[0]["lin"]["kernel"], "m": jnp.ones(48)}, "bias": None}}
+  with pytest.raises(ValueError, match=r"leaf 'lin/kernel' has keys \['a', 'b', 'm'\]"):
+    mg.add_weighted_adapter([dora_like, phis[1]], [1, 1], [1, 1], "cat")
   small = {"lin": {"kernel": {"a": phis[1]["lin"]["kernel"]["a"][:, :2],
                               "b": phis[1]["lin"]["kernel"]["b"][:2]}, "bias": None}}
   with pytest.raises(ValueError, match="equal rank"):
