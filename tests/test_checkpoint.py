@@ -1,13 +1,11 @@
 """Checkpoint round trips (phi with None holes + optax adamw state + step + metadata),
 atomicity of the Orbax save, and clear errors on mismatched templates."""
 
-import json
 import os
 
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import pytest
 
@@ -136,7 +134,7 @@ def test_interrupted_save_leaves_no_checkpoint(tmp_path, monkeypatch):
     ckpt.restore(tmp_path / "c", phi)
 
 
-def test_said_and_nested_containers(tmp_path):
+def test_tuple_phi_and_nested_optax_states(tmp_path):
   """Non-dict phi (tuples from chain, NamedTuple states) round-trip too."""
   phi = ({"w": {"a": jnp.ones((3, 1)), "b": jnp.zeros((1, 2))}, "v": None}, {"z": jnp.arange(4.0)})
   opt_state = optax.chain(optax.clip(1.0), optax.adam(1e-3)).init(phi)
