@@ -20,7 +20,7 @@ OLoRA, LoftQ) return the new base from :func:`initialize`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -278,7 +278,8 @@ def unmerge(reparam: Reparam, theta: PyTree, phi: PyTree) -> PyTree:
 def adapt_with_bias(method: LeafMethod, where: tree_lib.Where,
                     bias_apply: Callable[..., Any], *,
                     bias_unmerge: Optional[Callable[..., Any]] = None,
-                    bias_name: str = "bias", requires_bias: bool = False) -> Reparam:
+                    bias_name: str = "bias",
+                    requires_bias: Union[bool, Callable[[str], bool]] = False) -> Reparam:
   """:func:`adapt` for methods whose per-module parameters also change the bias (IA3, GLoRA).
 
   ``phi`` lives at the selected (kernel) leaves exactly as in :func:`adapt`. After the
@@ -293,7 +294,8 @@ def adapt_with_bias(method: LeafMethod, where: tree_lib.Where,
     bias_unmerge: ``(w0, b, phi_leaf, view) -> b0`` given the unmerged kernel ``w0``;
       with ``method.unmerge_leaf`` it makes the reparam invertible.
     bias_name: the name of the bias leaf beside each kernel.
-    requires_bias: raise at init when a selected kernel has no sibling bias.
+    requires_bias: raise at init when a selected kernel has no sibling bias; a bool or
+      ``kernel_path -> bool``.
 
   Returns:
     A :class:`Reparam`.
@@ -331,7 +333,8 @@ def adapt_with_bias(method: LeafMethod, where: tree_lib.Where,
       paths = set(tree_lib.leaf_paths(theta0))
       for parent, (kpath, _, _) in _kernels(theta0, phi)[3].items():
         bpath = f"{parent}/{bias_name}" if parent else bias_name
-        if bpath not in paths:
+        needed = requires_bias(kpath) if callable(requires_bias) else True
+        if needed and bpath not in paths:
           raise ValueError(f"{method.name}: adapted leaf '{kpath}' has no sibling '{bias_name}' "
                            f"leaf, which this configuration trains (expected '{bpath}')")
     return base, phi
