@@ -60,6 +60,7 @@ from lowrank_jax.models import layers
 __all__ = [
   "BertConfig",
   "bert_rules",
+  "hf_name",
   "load_bert",
   "load_minilm",
   "init_bert",
@@ -115,6 +116,30 @@ def bert_rules() -> list[tuple[str, str]]:
     (r"\.dense\.", "."),
     (r"^encoder\.layer\.(\d+)\.", r"encoder.layer_\1."),
   ]
+
+
+def hf_name(path: str) -> str:
+  """Our leaf path -> the Hugging Face BERT state-dict name (inverse of :func:`bert_rules`).
+
+  ``encoder/layer_0/attention/query/kernel`` -> ``encoder.layer.0.attention.self.query.weight``;
+  drop the last component for the module name peft uses (``...attention.self.query``).
+  """
+  parts = path.split("/")
+  last = {"kernel": "weight", "scale": "weight", "embedding": "weight"}.get(parts[-1], parts[-1])
+  mods = parts[:-1]
+  out = []
+  for i, m in enumerate(mods):
+    if m.startswith("layer_") and i > 0 and mods[i - 1] == "encoder":
+      out += ["layer", m[len("layer_"):]]
+    elif m in ("query", "key", "value") and i > 0 and mods[i - 1] == "attention":
+      out += ["self", m]
+    else:
+      out.append(m)
+  dense_owner = (len(mods) >= 1 and mods[-1] in ("output", "intermediate", "pooler")
+                 and not (len(mods) >= 2 and mods[-2] == "encoder"))
+  if dense_owner:
+    out.append("dense")
+  return ".".join(out + [last])
 
 
 def minilm_path() -> str:

@@ -79,17 +79,7 @@ def test_minilm_file_converts_completely():
   assert flat["encoder/layer_0/attention/query/kernel"].shape == (384, 384)
   assert flat["encoder/layer_0/intermediate/kernel"].shape == (384, 1536)
   # Back to torch names: the original state dict is reproduced exactly.
-  rename = lambda p: (p.replace("/", ".").replace("layer_", "layer.")
-                      .replace(".attention.query", ".attention.self.query")
-                      .replace(".attention.key", ".attention.self.key")
-                      .replace(".attention.value", ".attention.self.value"))
-  def torch_name(p):
-    n = rename(p)
-    for mod in (".attention.output.", ".intermediate.", ".output.", "pooler."):
-      for leaf in ("weight", "bias"):
-        if n.endswith(mod + leaf) and "LayerNorm" not in n:
-          n = n[: -len(leaf)] + "dense." + leaf
-    return n
-  back = hf.to_torch_state_dict(tree, torch_name)
+  back = hf.to_torch_state_dict(tree, bert.hf_name)
+  assert back.keys() == raw.keys() - {"embeddings.position_ids"}
   for k, v in back.items():
     np.testing.assert_array_equal(v, raw[k])

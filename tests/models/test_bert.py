@@ -81,6 +81,11 @@ def test_param_paths_and_counts(minilm):
     assert p in paths, p
   assert params["encoder"]["layer_0"]["intermediate"]["kernel"].shape == (384, 1536)
   assert params["encoder"]["layer_0"]["output"]["kernel"].shape == (1536, 384)
+  assert bert.hf_name("encoder/layer_0/attention/query/kernel") == \
+      "encoder.layer.0.attention.self.query.weight"
+  assert bert.hf_name("encoder/layer_4/output/kernel") == "encoder.layer.4.output.dense.weight"
+  assert bert.hf_name("encoder/layer_4/attention/output/LayerNorm/scale") == \
+      "encoder.layer.4.attention.output.LayerNorm.weight"
   mask = tree_lib.select(params, r"(query|value)/kernel")
   assert sum(jax.tree.leaves(mask)) == 2 * config.num_hidden_layers
   # 22,566,531 trainable in the anchor full fine-tune = encoder+embeddings + 1,155 head (no pooler).

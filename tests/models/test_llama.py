@@ -40,7 +40,7 @@ def test_shapes_and_count(params):
   out = fwd(p_tied, tied, tokens)
   assert out.shape == (2, 12, CFG.vocab_size) and out.dtype == jnp.bfloat16
   # Tied head: logits = h @ E^T.
-  h = llama.llama_hidden(p_tied, tied, tokens)
+  h = jax.jit(llama.llama_hidden, static_argnums=1)(p_tied, tied, tokens)
   ref = h.astype(jnp.float32) @ p_tied["embed_tokens"]["embedding"].astype(jnp.float32).T
   np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref), atol=0.05, rtol=0.05)
 
