@@ -396,22 +396,3 @@ def extract_lora(theta_ft: PyTree, theta0: PyTree, rank: int, *,
   out = [one(p, w0, wf) if m else None for (p, w0), (_, wf), m in zip(items0, itemsf, flags)]
   treedef = jax.tree_util.tree_structure(theta0, is_leaf=lazy.is_lazy)
   return reparam, jax.tree_util.tree_unflatten(treedef, out)
-
-
-# ----------------------------------------------------------------------------------------
-# Importing this submodule rebinds the attribute ``lowrank_jax.merge`` (the package's
-# ``merge(reparam, theta0, phi)`` function from reparam.py) to this module. So that
-# ``lj.merge(...)`` keeps working whatever the import order, the module is callable and
-# forwards calls to :func:`lowrank_jax.reparam.merge`.
-
-import sys as _sys
-import types as _types
-
-
-class _CallableModule(_types.ModuleType):
-  def __call__(self, *args, **kwargs):
-    from lowrank_jax.reparam import merge as _merge
-    return _merge(*args, **kwargs)
-
-
-_sys.modules[__name__].__class__ = _CallableModule

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import lowrank_jax as lj
-import lowrank_jax.merge as mg
+import lowrank_jax.merging as mg
 from tests.conftest import load_golden
 
 P = "param/base_model.model.lin."
@@ -202,9 +202,9 @@ def test_errors_and_single_adapter():
 
 
 def test_lj_merge_still_callable_after_import():
-  """Importing lowrank_jax.merge rebinds the package attribute; it must still merge."""
+  """Importing lowrank_jax.merging leaves the package's ``merge`` function alone."""
   import importlib
-  importlib.import_module("lowrank_jax.merge")
+  importlib.import_module("lowrank_jax.merging")
   theta0 = {"w": jnp.ones((3, 2))}
   phi = {"w": {"a": jnp.ones((3, 1)), "b": jnp.ones((1, 2))}}
   out = lj.merge(lj.lora("w", rank=1), theta0, phi)

@@ -1,0 +1,176 @@
+"""MiniLM training-step benchmark: our full fine-tune, LoRA (materialised and lazy),
+frozen forward, and (if torch + peft are installed) peft's LoRA on the same model,
+batch and thread count, side by side in one run.
+
+    python -m bench.lora_step [--dropout 0.1] [--steps 8] [--no-torch]
+
+Setup as in shared/notes/anchor_figures.md: all-MiniLM-L6-v2, batch 32, sequence 64,
+random ids over the vocabulary, no padding, 3-class head on [CLS], AdamW (lr 1e-4,
+weight decay 0.01, eps 1e-8: torch's defaults), LoRA r=8 alpha=16 on query+value.
+Each figure is the median of ``--steps`` timed steps after 2 warm-up steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import numpy as np
+
+B, T, N_CLASSES = 32, 64, 3
+
+
+def _median_time(fn, steps: int, warmup: int = 2) -> float:
+  times = []
+  for i in range(warmup + steps):
+    t0 = time.perf_counter()
+    fn()
+    if i >= warmup:
+      times.append(time.perf_counter() - t0)
+  return float(np.median(times))
+
+
+def jax_figures(ids: np.ndarray, labels: np.ndarray, dropout: float, steps: int) -> dict:
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  import lowrank_jax as lj
+  from lowrank_jax import train
+  from lowrank_jax.models import bert
+
+  config, params = bert.load_minilm()
+  theta0 = {"bert": params, "head": bert.init_classifier(jax.random.key(0), config.hidden_size, N_CLASSES)}
+  batch = {"input_ids": jnp.asarray(ids), "attention_mask": jnp.ones_like(jnp.asarray(ids)),
+           "labels": jnp.asarray(labels)}
+
+  def loss_fn(theta, b, rng):
+    h = bert.bert_forward(theta["bert"], config, b["input_ids"], b["attention_mask"],
+                          deterministic=rng is None or dropout == 0.0, rng=rng)
+    return train.softmax_cross_entropy(bert.classifier_logits(theta["head"], h), b["labels"])
+
+  opt = optax.adamw(1e-4, eps=1e-8, weight_decay=0.01)
+  out = {}
+  lora = lj.lora(r"(query|value)/kernel", rank=8, alpha=16)
+  variants = {
+    "full fine-tune": lj.full(None),
+    "LoRA r8 q,v (materialised)": None,
+    "LoRA r8 q,v (lazy, ours)": lj.chain(lora, lj.full(r"^head/")),
+  }
+  materialised = lj.chain(lora, lj.full(r"^head/"))
+  variants["LoRA r8 q,v (materialised)"] = lj.Reparam(
+      init=materialised.init,
+      apply=lambda t, p, rng=None: lj.materialize(materialised.apply(t, p, rng=rng)),
+      init_with_base=materialised.init_with_base, unmerge=materialised.unmerge)
+  for name, reparam in variants.items():
+    phi = reparam.init(jax.random.key(1), theta0)
+    state = opt.init(phi)
+    step = train.make_train_step(reparam, opt, loss_fn)
+    key = jax.random.key(2)
+    t0 = time.perf_counter()
+    phi, state, m = step(phi, state, theta0, batch, key)
+    jax.block_until_ready(m)
+    first = time.perf_counter() - t0
+    holder = [phi, state]
+
+    def run():
+      p, s, m = step(holder[0], holder[1], theta0, batch, key)
+      jax.block_until_ready(m)
+      holder[0], holder[1] = p, s
+
+    out[name] = (_median_time(run, steps), lj.count_params(phi), first)
+
+  fwd = jax.jit(lambda t, b: bert.classifier_logits(t["head"], bert.bert_forward(
+      t["bert"], config, b["input_ids"], b["attention_mask"])))
+  t0 = time.perf_counter()
+  jax.block_until_ready(fwd(theta0, batch))
+  first = time.perf_counter() - t0
+  out["frozen forward"] = (_median_time(lambda: jax.block_until_ready(fwd(theta0, batch)), steps), 0, first)
+  return out
+
+
+def torch_figures(ids: np.ndarray, labels: np.ndarray, dropout: float, steps: int, threads: int) -> dict:
+  import torch
+  import peft
+  import transformers
+  from lowrank_jax.models import bert as jbert
+
+  torch.set_num_threads(threads)
+  torch.manual_seed(0)
+  path = jbert.minilm_path()
+  out = {}
+
+  class Classifier(torch.nn.Module):
+    def __init__(self):
+      super().__init__()
+      cfg = transformers.BertConfig.from_pretrained(path)
+      cfg.hidden_dropout_prob = cfg.attention_probs_dropout_prob = dropout
+      self.bert = transformers.BertModel.from_pretrained(path, config=cfg, add_pooling_layer=False)
+      self.head = torch.nn.Linear(cfg.hidden_size, N_CLASSES)
+
+    def forward(self, ids):
+      return self.head(self.bert(input_ids=ids).last_hidden_state[:, 0])
+
+  x = torch.tensor(ids)
+  y = torch.tensor(labels, dtype=torch.long)
+  for name in ("torch full fine-tune", "peft LoRA r8 q,v"):
+    model = Classifier()
+    if name.startswith("peft"):
+      model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout,
+                                                         target_modules=["query", "value"],
+                                                         modules_to_save=["head"]))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
+
+    def run():
+      opt.zero_grad(set_to_none=True)
+      loss = torch.nn.functional.cross_entropy(model(x), y)
+      loss.backward()
+      opt.step()
+
+    t0 = time.perf_counter()
+    run()
+    first = time.perf_counter() - t0
+    out[name] = (_median_time(run, steps), sum(p.numel() for p in params), first)
+  model = Classifier().eval()
+  with torch.no_grad():
+    out["torch frozen forward"] = (_median_time(lambda: model(x), steps), 0, 0.0)
+  return out
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--dropout", type=float, default=float(os.environ.get("DROPOUT", 0.1)))
+  p.add_argument("--steps", type=int, default=8)
+  p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+  p.add_argument("--no-torch", action="store_true")
+  a = p.parse_args(argv)
+  rng = np.random.default_rng(0)
+  ids = rng.integers(0, 30522, (B, T)).astype(np.int32)
+  labels = rng.integers(0, N_CLASSES, (B,)).astype(np.int32)
+  rows = jax_figures(ids, labels, a.dropout, a.steps)
+  ref = {}
+  if not a.no_torch:
+    try:
+      ref = torch_figures(ids.astype(np.int64), labels, a.dropout, a.steps, a.threads)
+    except ImportError as e:
+      print(f"(torch/peft not installed: {e}; reference columns skipped)")
+  print(f"\nMiniLM-L6 step, B={B} T={T}, dropout {a.dropout}, median of {a.steps} steps after 2 warm-up, "
+        f"{a.threads} threads\n")
+  print("| variant | trainable params | step (s) | first call incl. compile (s) |")
+  print("|---|---:|---:|---:|")
+  for name, (t, n, first) in {**rows, **ref}.items():
+    print(f"| {name} | {n:,} | {t:.3f} | {first:.2f} |")
+  lazy_t = rows["LoRA r8 q,v (lazy, ours)"][0]
+  print(f"\nours LoRA / ours full: {lazy_t / rows['full fine-tune'][0]:.2f} (goal <= 0.70)")
+  print(f"ours LoRA lazy / materialised: {lazy_t / rows['LoRA r8 q,v (materialised)'][0]:.2f}")
+  if ref:
+    print(f"ours LoRA / peft LoRA: {lazy_t / ref['peft LoRA r8 q,v'][0]:.2f} (goal <= 0.80)")
+    print(f"ours full / torch full: {rows['full fine-tune'][0] / ref['torch full fine-tune'][0]:.2f}")
+    print(f"ours forward / torch forward: {rows['frozen forward'][0] / ref['torch frozen forward'][0]:.2f}")
+
+
+if __name__ == "__main__":
+  main()

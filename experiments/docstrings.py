@@ -1,0 +1,209 @@
+"""The main job: fine-tune all-MiniLM-L6-v2 to classify Python stdlib docstrings by package.
+
+    python -m experiments.docstrings --configs configs/minilm_frozen.json \
+        configs/minilm_lora.json configs/minilm_full.json --out outputs/docstrings
+
+Each config runs in its own process (so its peak memory is its own), prints per-epoch
+loss and validation accuracy with a progress bar, and writes ``NAME.json``; the parent
+then writes ``results.json``, ``results.md`` (the table) and ``accuracy_vs_params.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+
+def _atomic_write(path: pathlib.Path, text: str) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+  with os.fdopen(fd, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def run_one(cfg: dict, out_dir: pathlib.Path, quiet: bool = False) -> dict:
+  """Trains one configuration in this process and returns its metrics."""
+  import jax
+  import jax.numpy as jnp
+  from tqdm import tqdm
+
+  import lowrank_jax as lj
+  from lowrank_jax import train
+  from lowrank_jax.data import docstrings
+  from lowrank_jax.models import bert
+  from lowrank_jax.optim import memory
+  from experiments import recipes
+
+  seed = cfg.get("seed", 0)
+  max_len = cfg.get("max_len", 64)
+  task = docstrings.load_docstring_task(max_len=max_len, **cfg.get("data", {}))
+  splits, label_names = task.splits, task.label_names
+  config, bert_params = bert.load_minilm()
+  key = jax.random.key(seed)
+  k_head, k_method, k_train = jax.random.split(key, 3)
+  theta0 = {"bert": bert_params,
+            "head": bert.init_classifier(k_head, config.hidden_size, len(label_names))}
+  n_total = lj.count_params(theta0)
+  theta0, reparam, phi = recipes.build_method(cfg["method"], theta0, k_method)
+  pooling = cfg.get("pooling", "mean")
+  dropout = cfg.get("dropout", 0.1)
+
+  def loss_fn(theta, batch, rng):
+    h = bert.bert_forward(theta["bert"], config, batch["input_ids"], batch["attention_mask"],
+                          deterministic=rng is None or dropout == 0.0, rng=rng)
+    logits = bert.classifier_logits(theta["head"], h, batch["attention_mask"], pooling)
+    return train.softmax_cross_entropy(logits, batch["labels"])
+
+  bs = cfg.get("batch_size", 32)
+  epochs = cfg.get("epochs", 3)
+  steps_per_epoch = len(splits["train"]["labels"]) // bs
+  optimizer = recipes.build_optimizer(cfg.get("optimizer", {}), epochs * steps_per_epoch)
+  opt_state = optimizer.init(phi)
+  step = train.make_train_step(reparam, optimizer, loss_fn)
+  mem = memory.memory_report(theta0, phi, opt_state)
+
+  @jax.jit
+  def predict(phi, theta0, batch):
+    theta = reparam.apply(theta0, phi)
+    h = bert.bert_forward(theta["bert"], config, batch["input_ids"], batch["attention_mask"])
+    return bert.classifier_logits(theta["head"], h, batch["attention_mask"], pooling)
+
+  def evaluate(split):
+    """(accuracy, mean loss) over the whole split; the last batch is padded to ``bs``."""
+    correct, loss_sum, n = 0, 0.0, 0
+    for b in train.batches(splits[split], bs, drop_last=False):
+      m = len(b["labels"])
+      padded = {k: np.concatenate([v, np.repeat(v[-1:], bs - m, 0)]) for k, v in b.items()}
+      logits = np.asarray(predict(phi, theta0, padded), np.float64)[:m]
+      logp = logits - logits.max(-1, keepdims=True)
+      logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+      correct += int((logits.argmax(-1) == b["labels"]).sum())
+      loss_sum -= float(logp[np.arange(m), b["labels"]].sum())
+      n += m
+    return correct / n, loss_sum / n
+
+  rng = np.random.default_rng(seed)
+  timer = train.StepTimer(warmup=3)
+  history = []
+  t_start = time.perf_counter()
+  for epoch in range(epochs):
+    losses = []
+    bar = tqdm(train.batches(splits["train"], bs, rng=rng), total=steps_per_epoch,
+               desc=f"{cfg['name']} epoch {epoch + 1}/{epochs}", disable=quiet, file=sys.stderr,
+               mininterval=2.0)
+    for i, b in enumerate(bar):
+      k = jax.random.fold_in(k_train, epoch * steps_per_epoch + i)
+      phi, opt_state, metrics = timer.time(step, phi, opt_state, theta0, b, k)
+      losses.append(float(metrics["loss"]))
+      if i % 10 == 0:
+        bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
+    val_acc, val_loss = evaluate("validation")
+    history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)),
+                    "val_loss": val_loss, "val_accuracy": val_acc})
+    print(f"[{cfg['name']}] epoch {epoch + 1}: train loss {np.mean(losses):.4f}  "
+          f"val loss {val_loss:.4f}  val acc {val_acc:.4f}", flush=True)
+  test_acc, test_loss = evaluate("test")
+  n_train = lj.count_params(phi)
+  result = {
+    "name": cfg["name"], "method": cfg["method"]["kind"], "config": cfg,
+    "trainable_params": n_train, "total_params": n_total,
+    "trainable_percent": 100.0 * n_train / n_total,
+    "test_accuracy": test_acc, "test_loss": test_loss,
+    "step_time_s": timer.median, "train_time_s": time.perf_counter() - t_start,
+    "peak_rss_bytes": train.peak_rss_bytes(), "memory": mem, "history": history,
+    "n_train": len(splits["train"]["labels"]), "labels": list(label_names),
+    "data_fingerprint": task.fingerprint, "python": task.python_version,
+  }
+  _atomic_write(out_dir / f"{cfg['name']}.json", json.dumps(result, indent=1, default=float))
+  return result
+
+
+def table(results: list[dict]) -> str:
+  rows = ["| method | trainable params | % of total | test accuracy | step time (s) | peak RSS (GiB) |",
+          "|---|---:|---:|---:|---:|---:|"]
+  for r in results:
+    rows.append(f"| {r['name']} | {r['trainable_params']:,} | {r['trainable_percent']:.3f} | "
+                f"{r['test_accuracy']:.4f} | {r['step_time_s']:.3f} | {r['peak_rss_bytes'] / 2**30:.2f} |")
+  return "\n".join(rows)
+
+
+def plot(results: list[dict], path: pathlib.Path) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6.4, 4.2))
+  for r in results:
+    ax.scatter(r["trainable_params"], 100 * r["test_accuracy"], s=40)
+    ax.annotate(r["name"], (r["trainable_params"], 100 * r["test_accuracy"]), fontsize=8,
+                xytext=(4, 4), textcoords="offset points")
+  ax.set_xscale("log")
+  ax.set_xlabel("trainable parameters")
+  ax.set_ylabel("test accuracy (%)")
+  ax.set_title("MiniLM-L6 on stdlib docstrings: accuracy vs trainable parameters")
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  tmp = path.with_name(f".{path.stem}.tmp.png")
+  fig.savefig(tmp, dpi=120)
+  os.replace(tmp, path)
+  plt.close(fig)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--configs", nargs="+", required=True, help="config JSON files")
+  p.add_argument("--out", default="outputs/docstrings", help="output folder")
+  p.add_argument("--epochs", type=int, default=None, help="override every config's epochs")
+  p.add_argument("--max-per-class", type=int, default=None, help="cap examples per class (quick runs)")
+  p.add_argument("--inline", action="store_true", help="run configs in this process (no per-config RSS)")
+  p.add_argument("--quiet", action="store_true")
+  args = p.parse_args(argv)
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  results = []
+  for path in args.configs:
+    cfg = json.loads(pathlib.Path(path).read_text())
+    cfg.setdefault("name", pathlib.Path(path).stem)
+    if args.epochs is not None:
+      cfg["epochs"] = args.epochs
+    if args.max_per_class is not None:
+      cfg.setdefault("data", {})["max_per_class"] = args.max_per_class
+    if args.inline:
+      results.append(run_one(cfg, out, args.quiet))
+      continue
+    cfg_path = out / f".{cfg['name']}.config.json"
+    _atomic_write(cfg_path, json.dumps(cfg))
+    cmd = [sys.executable, "-m", "experiments.docstrings", "--child", str(cfg_path), "--out", str(out)]
+    if args.quiet:
+      cmd.append("--quiet")
+    subprocess.run(cmd, check=True)
+    results.append(json.loads((out / f"{cfg['name']}.json").read_text()))
+  _atomic_write(out / "results.json", json.dumps(results, indent=1, default=float))
+  md = table(results)
+  _atomic_write(out / "results.md", md + "\n")
+  plot(results, out / "accuracy_vs_params.png")
+  print("\n" + md)
+  print(f"\nwrote {out / 'results.json'}, {out / 'results.md'}, {out / 'accuracy_vs_params.png'}")
+  return 0
+
+
+def _child(argv) -> int:
+  p = argparse.ArgumentParser()
+  p.add_argument("--child", required=True)
+  p.add_argument("--out", required=True)
+  p.add_argument("--quiet", action="store_true")
+  a = p.parse_args(argv)
+  run_one(json.loads(pathlib.Path(a.child).read_text()), pathlib.Path(a.out), a.quiet)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(_child(sys.argv[1:]) if "--child" in sys.argv else main())
