@@ -2,8 +2,14 @@
 nodes, quantized frozen weights that decode inside the matmul (QLoRA), affine
 post-training quantization, LoftQ and QA-LoRA."""
 
+from lowrank_jax.quant.affine import AffineQuant, affine_encode, quantization_error
 from lowrank_jax.quant.blockwise import Blockwise8, blockwise8_decode, blockwise8_encode
+from lowrank_jax.quant.loftq import loftq, loftq_decompose
 from lowrank_jax.quant.nf4 import Quant4, fp4_encode, nf4_encode
+from lowrank_jax.quant.qalora import QALoRAWeight, qalora, qalora_merge
+from lowrank_jax.quant.qlora import QuantizedWeight, dequantize, quantize, quantized_bytes
 
-__all__ = ["Blockwise8", "blockwise8_encode", "blockwise8_decode", "Quant4", "nf4_encode",
-           "fp4_encode"]
+__all__ = ["AffineQuant", "affine_encode", "quantization_error", "Blockwise8", "blockwise8_encode",
+           "blockwise8_decode", "loftq", "loftq_decompose", "Quant4", "nf4_encode", "fp4_encode",
+           "QALoRAWeight", "qalora", "qalora_merge", "QuantizedWeight", "dequantize", "quantize",
+           "quantized_bytes"]
