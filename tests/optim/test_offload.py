@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import optax
 import pytest
 
-from lowrank_jax.optim import offload as off
+import importlib
+
+off = importlib.import_module("lowrank_jax.optim.offload")  # the package exports the function `offload`
 from lowrank_jax.optim.galore import galore_adamw
 
 
