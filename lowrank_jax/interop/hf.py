@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 

@@ -1,6 +1,5 @@
 """Fixed-length BERT tokenisation with the model's own tokenizer.json."""
 
-import os
 
 import numpy as np
 import pytest

@@ -4,7 +4,6 @@
 import dataclasses
 import math
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
