@@ -69,7 +69,11 @@ def run_one(cfg: dict, out_dir: pathlib.Path, quiet: bool = False) -> dict:
   optimizer = recipes.build_optimizer(cfg.get("optimizer", {}), epochs * steps_per_epoch)
   opt_state = optimizer.init(phi)
   step = train.make_train_step(reparam, optimizer, loss_fn)
-  mem = memory.memory_report(theta0, phi, opt_state)
+  # label by the first path component that is not a chain index: bert / head
+  mem = memory.memory_report(theta0, phi, opt_state, partition=lambda path: next(
+      (c for c in path.split("/") if not c.isdigit()), "(root)"))
+  if not quiet:
+    print(f"[{cfg['name']}] {lj.count_params(phi):,} trainable of {n_total:,} parameters\n{mem}", flush=True)
 
   @jax.jit
   def predict(phi, theta0, batch):
@@ -119,7 +123,7 @@ def run_one(cfg: dict, out_dir: pathlib.Path, quiet: bool = False) -> dict:
     "trainable_percent": 100.0 * n_train / n_total,
     "test_accuracy": test_acc, "test_loss": test_loss,
     "step_time_s": timer.median, "train_time_s": time.perf_counter() - t_start,
-    "peak_rss_bytes": train.peak_rss_bytes(), "memory": mem, "history": history,
+    "peak_rss_bytes": train.peak_rss_bytes(), "memory": mem.as_dict(), "history": history,
     "n_train": len(splits["train"]["labels"]), "labels": list(label_names),
     "data_fingerprint": task.fingerprint, "python": task.python_version,
   }
