@@ -29,9 +29,12 @@ __all__ = ["loraplus", "loraplus_labels"]
 def loraplus_labels(params, where_b: tree_lib.Where = r"(^|/)b$"):
   """Label tree for ``optax.multi_transform``: ``"B"`` on ``where_b`` leaves, ``"A"`` elsewhere.
 
-  Raises a ``ValueError`` listing the available paths when ``where_b`` selects nothing.
+  Raises a ``ValueError`` listing the available paths when ``where_b`` selects nothing
+  (except on a one-leaf tree: :func:`lowrank_jax.optim.leafwise` / ``offload`` label
+  one leaf at a time).
   """
-  mask = tree_lib.select(params, where_b)
+  single = len(tree_lib.flatten_with_paths(params)) == 1
+  mask = tree_lib.select(params, where_b, allow_empty=single)
   return jax.tree.map(lambda m: "B" if m else "A", mask)
 
 

@@ -63,6 +63,6 @@ def test_first_step_sizes_have_the_ratio():
 
 def test_errors():
   with pytest.raises(ValueError, match="selects no leaf"):
-    loraplus(optax.adam, 1e-3, where_b="nothing_here").init({"w": jnp.ones(3)})
+    loraplus(optax.adam, 1e-3, where_b="nothing_here").init({"w": jnp.ones(3), "v": jnp.ones(2)})
   with pytest.raises(ValueError, match="ratio"):
     loraplus(optax.adam, 1e-3, ratio=0.0)
