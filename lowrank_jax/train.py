@@ -70,7 +70,7 @@ def make_train_step(reparam: Reparam, optimizer: optax.GradientTransformation, l
     phi = optax.apply_updates(phi, updates)
     metrics = dict(metrics)
     metrics.setdefault("loss", loss)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     return phi, opt_state, metrics
 
   if jit:
