@@ -1,17 +1,48 @@
 """lowrank_jax: parameter-efficient fine-tuning as pure functions on JAX pytrees.
 
+A method is a pair of pure functions, as an optax transformation is::
+
     import lowrank_jax as lj
     reparam = lj.lora(where=r"(query|value)/kernel", rank=8, alpha=16)
-    phi = reparam.init(key, theta0)
-    theta = reparam.apply(theta0, phi)          # lazy LoRA weights, used by lj.dot
+    phi = reparam.init(key, theta0)        # trainable parameters
+    theta = reparam.apply(theta0, phi)     # lazy LoRA weights; lj.dot(x, w) multiplies them
+    merged = lj.merge(reparam, theta0, phi)
+
+Sub-packages: ``methods`` (one module per method), ``quant`` (codecs, QLoRA, LoftQ,
+QA-LoRA), ``optim`` (GaLore, 8-bit Adam, offload, LoRA+, memory report), ``models``
+(BERT/MiniLM, Llama), ``data``, ``interop`` (HF safetensors, PEFT adapter folders).
 """
 
+# core: trees, lazy weights, reparametrizations
 from lowrank_jax.tree import (Siblings, combine, count_bytes, count_params, flatten_with_paths,
                               leaf_paths, partition, path_str, select)
 from lowrank_jax.lazy import LazyWeight, dot, factored_matmul, materialize
-from lowrank_jax.reparam import (LeafMethod, MatrixView, Reparam, adapt, chain, initialize, merge,
-                                 unmerge)
+from lowrank_jax.reparam import (LeafMethod, MatrixView, Reparam, adapt, adapt_with_bias, chain,
+                                 initialize, merge, unmerge)
+
+# methods (one module each)
 from lowrank_jax.methods.full import full
 from lowrank_jax.methods.lora import LoRAWeight, lora, lora_method, lora_scale
+from lowrank_jax.methods.dora import DoRAWeight, dora
+from lowrank_jax.methods.lokr import KronWeight, lokr
+from lowrank_jax.methods.loha import LoHaWeight, loha
+from lowrank_jax.methods.glora import glora, glora_search
+from lowrank_jax.methods.ia3 import ia3
+from lowrank_jax.methods.vera import vera
+from lowrank_jax.methods.adalora import adalora, orthogonal_regularizer, rank_allocator
+from lowrank_jax.methods.said import intrinsic_said
+
+# quantization
+from lowrank_jax.quant import (Blockwise8, Quant4, QuantizedWeight, affine_encode, dequantize, fp4_encode,
+                               loftq, nf4_encode, qalora, qalora_merge, quantize)
+
+# composition, merging, extraction
+from lowrank_jax.merging import add_weighted_adapter, extract_lora, stack
+
+# optimizers (optax transformations)
+from lowrank_jax.optim import (adamw_8bit, galore_adamw, loraplus, memory_report, offload,
+                               scale_by_galore)
+
+from lowrank_jax import checkpoint, sharding, train
 
 __version__ = "0.1.0"
