@@ -17,7 +17,9 @@ checkpointing per block, a scan over layers, pipeline stages) never holds the fu
 gradient of the model. :func:`map_layers` is the JAX form for stacked
 ("scanned") layers: it applies the update to one slice of the leading layer axis
 at a time with ``lax.map``, so temporaries (SVD workspaces, full-size back-projected
-updates) exist for one layer at a time.
+updates) exist for one layer at a time, and :func:`update_in_backward` applies each
+layer's update inside a reverse scan over the layers, so the full gradient of the
+stack is never formed.
 
 Semantics: ``leafwise(tx)`` equals ``tx`` for every transformation that acts on
 leaves independently (Adam, GaLore, 8-bit Adam, weight decay, schedules). It is
@@ -39,7 +41,7 @@ from lowrank_jax import tree as tree_lib
 
 PyTree = Any
 
-__all__ = ["LeafwiseState", "LeafwiseTransformation", "leafwise", "map_layers"]
+__all__ = ["LeafwiseState", "LeafwiseTransformation", "leafwise", "map_layers", "update_in_backward"]
 
 
 class LeafwiseState(NamedTuple):
@@ -134,3 +136,46 @@ def map_layers(tx: optax.GradientTransformation, axis_size: Optional[int] = None
     return jax.lax.map(lambda a: tx.update(*a), (updates, state, params))
 
   return optax.GradientTransformation(init, update)
+
+
+def update_in_backward(layer_fn: Callable[[PyTree, jax.Array], jax.Array],
+                       tx: optax.GradientTransformation):
+  """Train step for a stack of identical layers that updates each layer inside the
+  backward pass, so only one layer's gradient exists at a time (galore-torch's
+  ``register_post_accumulate_grad_hook`` layer-wise mode, in JAX form).
+
+  The forward is a ``lax.scan`` over the stacked parameters (leaves ``[L, ...]``) that
+  keeps each layer's input; the backward is a reverse ``lax.scan`` that, for layer
+  ``i``, recomputes its VJP, gets ``(dL/dparams_i, dL/dh_i)``, applies
+  ``tx.update`` with layer ``i``'s own state and moves on - the gradient of layer ``i``
+  dies inside that iteration. The optimizer state is the one of
+  ``map_layers(tx).init(stacked)``.
+
+  Args:
+    layer_fn: ``(params_i, h) -> h`` for one layer.
+    tx: a per-layer transformation (GaLore, Adam, 8-bit Adam, ...).
+
+  Returns:
+    ``step(stacked, opt_state, h0, head_loss) -> (stacked', opt_state', loss, dL/dh0)``
+    where ``head_loss(hL) -> scalar`` closes over everything after the stack (its own
+    parameters are differentiated separately by the caller, e.g. from ``dL/dh0`` and
+    ``jax.grad`` of the head).
+  """
+
+  def step(stacked, opt_state, h0, head_loss):
+    def fwd(h, p):
+      return layer_fn(p, h), h
+    h_last, inputs = jax.lax.scan(fwd, h0, stacked)
+    loss, g = jax.value_and_grad(head_loss)(h_last)
+
+    def bwd(g, xs):
+      p, h_in, s = xs
+      _, vjp = jax.vjp(layer_fn, p, h_in)
+      g_p, g_in = vjp(g)
+      u, s = tx.update(g_p, s, p)
+      return g_in, (optax.apply_updates(p, u), s)
+
+    g0, (new_params, new_state) = jax.lax.scan(bwd, g, (stacked, inputs, opt_state), reverse=True)
+    return new_params, new_state, loss, g0
+
+  return step
