@@ -14,6 +14,10 @@ GaLore on the 4 weight matrices, plain Adam(W) on the biases. Figures:
 * refresh: the full step on a projector-refresh step (SVD of every matrix);
 * amortized: ``(refresh + (gap - 1) * step) / gap``.
 
+``--minilm`` prints :func:`lowrank_jax.optim.memory_report` totals (via ``jax.eval_shape``)
+for MiniLM-L6 full fine-tuning with AdamW / GaLore / GaLore + 8-bit and LoRA with fp32 / 8-bit
+AdamW.
+
 The ``--offload`` section compiles the step with :func:`lowrank_jax.optim.offload` and
 prints XLA's memory analysis (device vs host argument bytes) and, on GPU, the peak device
 memory with and without it; on CPU there is no separate host memory and it says so.
@@ -240,6 +244,39 @@ def offload_figures(args) -> None:
     del p2, s2, state, stats0
 
 
+def minilm_memory() -> None:
+  """Memory reports (eval_shape, nothing allocated) of MiniLM-L6 training setups."""
+  import jax
+  import optax
+
+  import lowrank_jax as lj
+  from lowrank_jax.models import bert
+  from lowrank_jax.optim import make_optimizer, memory_report
+
+  config, theta0 = bert.load_minilm()
+  layers = r"encoder/.*kernel"
+  setups = {
+    "full FT, AdamW": (lj.full(None), {"kind": "adamw", "lr": 1e-4, "weight_decay": 0.01}),
+    "full FT, GaLore r96 (d/4)": (lj.full(None), {"kind": "galore_adamw", "lr": 1e-4, "rank": 96,
+                                                  "where": layers, "weight_decay": 0.01}),
+    "full FT, GaLore r96 + 8-bit": (lj.full(None), {"kind": "galore_adamw", "lr": 1e-4, "rank": 96,
+                                                    "where": layers, "moments": "8bit"}),
+    "LoRA r8 q,v, AdamW": (lj.lora(r"(query|value)/kernel", rank=8, alpha=16),
+                           {"kind": "adamw", "lr": 2e-3}),
+    "LoRA r8 q,v, AdamW 8-bit": (lj.lora(r"(query|value)/kernel", rank=8, alpha=16),
+                                 {"kind": "adamw_8bit", "lr": 2e-3, "min_8bit_size": 1024}),
+  }
+  print("\nMiniLM-L6 memory (jax.eval_shape; frozen = theta0 minus what full FT trains)")
+  print(f"{'setup':<32}{'frozen':>14}{'trainable':>14}{'grads':>14}{'opt state':>14}")
+  for name, (reparam, spec) in setups.items():
+    phi = jax.eval_shape(lambda t: reparam.init(jax.random.PRNGKey(0), t), theta0)
+    tx = make_optimizer(spec)
+    state = jax.eval_shape(tx.init, phi)
+    rep = memory_report(None if name.startswith("full") else theta0, phi, state)
+    print(f"{name:<32}" + "".join(f"{rep.total(c):>14,}" for c in ("frozen", "trainable", "grads"))
+          + f"{rep.total('opt_state'):>14,}")
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--steps", type=int, default=int(os.environ.get("STEPS", 8)))
@@ -250,8 +287,12 @@ def main():
   ap.add_argument("--gap", type=int, default=200)
   ap.add_argument("--no-torch", action="store_true")
   ap.add_argument("--no-offload", action="store_true")
+  ap.add_argument("--minilm", action="store_true", help="only the MiniLM memory reports")
   args = ap.parse_args()
   import jax
+  if args.minilm:
+    minilm_memory()
+    return
   print(f"GaLore bench: {args.layers} x Linear({args.dim},{args.dim})+GELU, batch {args.batch}, "
         f"rank {args.rank}, gap {args.gap}, scale 0.25; backend {jax.devices()[0].platform}, "
         f"median of {args.steps} steps")
