@@ -41,9 +41,10 @@ __all__ = ["KronWeight", "factorization", "lokr", "lokr_method", "lokr_shapes"]
 
 
 def factorization(dim: int, factor: int = -1) -> tuple[int, int]:
-  """Splits ``dim = m · n`` with ``m <= n`` by peft's rule.
+  """Splits ``dim = m · n`` by peft's rule.
 
-  With ``factor > 0`` dividing ``dim`` returns ``(factor, dim // factor)``. Otherwise
+  With ``factor > 0`` dividing ``dim`` returns ``(factor, dim // factor)`` (as peft,
+  not sorted). Otherwise, with ``m <= n``,
   walks the divisors ``m`` of ``dim`` upward while ``m < n = dim / m``, stopping before
   a divisor larger than ``factor`` (``-1``: no limit), so without a limit it returns
   the divisor pair closest to ``√dim``: 256 -> (16, 16), 128 -> (8, 16),

@@ -56,7 +56,11 @@ def test_factorization_examples():
 @given(dim=st.integers(1, 5000), factor=st.sampled_from([-1, 2, 3, 4, 8, 16]))
 def test_factorization_property(dim, factor):
   m, n = factorization(dim, factor)
-  assert m * n == dim and m <= n
+  assert m * n == dim
+  if factor > 0 and dim % factor == 0:
+    assert m == factor  # peft returns (factor, dim // factor) unsorted, e.g. (2, 1) for dim 2
+  else:
+    assert m <= n
   if factor == -1:  # no divisor pair is closer to sqrt(dim)
     assert all(dim % d or d > m or d < m for d in range(m + 1, math.isqrt(dim) + 1))
 
@@ -136,3 +140,11 @@ def test_errors():
     lokr("w", init="xavier")
   with pytest.raises(ValueError, match=r"'t' has shape \(4, 3, 2\), not a matrix"):
     lokr("t").init(jax.random.key(0), {"t": jnp.zeros((4, 3, 2))})
+
+
+def test_factorization_equals_peft():
+  """Optional: peft's own function on every dim up to 600 and a few factors."""
+  layer = pytest.importorskip("peft.tuners.lokr.layer")
+  for dim in range(1, 601):
+    for factor in (-1, 2, 3, 4, 8, 16, 32):
+      assert factorization(dim, factor) == tuple(layer.factorization(dim, factor)), (dim, factor)
