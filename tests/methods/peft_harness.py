@@ -55,9 +55,7 @@ def _set(tree, path: str, value):
 
 def phi_from_peft(g, reparam: lj.Reparam, theta0, spec: Mapping[str, str]):
   """Our ``phi`` (shapes from ``reparam.init``) filled with peft's values per ``spec``."""
-  phi = jax.tree.map(lambda x: x, reparam.init(jax.random.key(0), theta0))  # mutable copy
-  phi = jax.tree_util.tree_map(np.asarray, phi)
-  phi = _to_dicts(phi)
+  phi = _to_dicts(reparam.init(jax.random.key(0), theta0))  # a mutable copy
   got = set()
   for path, name in spec.items():
     ours = _get(phi, path)
@@ -73,9 +71,9 @@ def phi_from_peft(g, reparam: lj.Reparam, theta0, spec: Mapping[str, str]):
 
 STALE_NOTE = """The golden ``y`` and ``merged_weight`` of peft_lokr, peft_lokr_decomposed, peft_loha and
 peft_vera equal the *base* layer's (recorded without the adapter), while their gradients include
-it. Loading the golden parameters into peft 0.21.2 and running it reproduces the golden
-gradients and gives ``y`` and ``merge_and_unload`` equal to the closed form built here from the
-same parameters (checked once with torch; max diff <= 1e-6), so that closed form is the reference."""
+it. Loading the golden parameters into peft 0.21.2 and running it (tests/golden/check_peft_linear.py)
+reproduces the golden gradients and gives ``y`` and ``merge_and_unload`` equal to the closed form
+built here from the same parameters (max diff <= 1e-6), so that closed form is the reference."""
 
 
 def closed_form_override(g, delta_out_in: np.ndarray) -> dict:
@@ -92,6 +90,7 @@ def closed_form_override(g, delta_out_in: np.ndarray) -> dict:
 
 
 def _to_dicts(tree):
+  """A copy of nested mappings as plain dicts (leaves shared)."""
   if isinstance(tree, Mapping):
     return {k: _to_dicts(v) for k, v in tree.items()}
   return tree
