@@ -179,3 +179,22 @@ def test_minilm_matches_peft():
           want = g["grad/" + pfx.format(i, mod) + n]
           np.testing.assert_allclose(np.asarray(gl[k]).T, want, rtol=1e-3, atol=2e-4 * np.abs(want).max(),
                                      err_msg=f"layer {i} {mod} {k} materialised={mat}")
+
+
+def test_nd_kernel_and_bfloat16_base():
+  rng = np.random.default_rng(5)
+  theta0 = {"t": jnp.asarray(rng.normal(size=(12, 3, 4)), jnp.float32)}
+  reparam = dora("t", rank=2, in_ndim=1)
+  phi = jax.tree.map(lambda p: p + 0.2, reparam.init(jax.random.key(0), theta0))
+  assert phi["t"]["m"].shape == (12,)
+  w = theta0["t"].reshape(12, 12)
+  p = phi["t"]
+  np.testing.assert_allclose(lj.merge(reparam, theta0, phi)["t"],
+                             _dense_dora(w, p["a"], p["b"], p["m"], 1.0).reshape(12, 3, 4), rtol=1e-5, atol=1e-6)
+  theta_bf = {"w": jnp.asarray(rng.normal(size=(16, 8)), jnp.bfloat16)}
+  r = dora("w", rank=2)
+  phi = r.init(jax.random.key(1), theta_bf)
+  assert phi["w"]["m"].dtype == jnp.float32
+  y = lj.dot(jnp.ones((2, 16), jnp.bfloat16), r.apply(theta_bf, phi)["w"])
+  assert y.dtype == jnp.bfloat16
+  assert lj.merge(r, theta_bf, phi)["w"].dtype == jnp.bfloat16
