@@ -105,8 +105,12 @@ def rms_norm(p: Params, x: jax.Array, eps: float = 1e-6) -> jax.Array:
 
 
 def gelu(x: jax.Array) -> jax.Array:
-  """Exact GELU ``x * Phi(x) = x/2 (1 + erf(x / sqrt 2))`` (BERT's ``hidden_act="gelu"``)."""
-  return jax.nn.gelu(x, approximate=False)
+  """Exact GELU ``x * Phi(x) = x/2 (1 + erf(x / sqrt 2))`` (BERT's ``hidden_act="gelu"``).
+
+  Written with ``erf`` as torch does: ``jax.nn.gelu(approximate=False)`` uses ``erfc``,
+  which XLA:CPU evaluates several times slower (``bench.lora_step`` figures in the README).
+  """
+  return (x * (0.5 + 0.5 * jax.lax.erf(x * jnp.asarray(0.7071067811865476, x.dtype)))).astype(x.dtype)
 
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
