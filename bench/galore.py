@@ -45,6 +45,20 @@ def _median_time(fn, steps: int, warmup: int = 2) -> float:
   return float(np.median(times))
 
 
+HEADER = (f"{'optimizer':<30}{'state bytes':>14}{'x AdamW':>9}{'step s':>9}{'opt s':>9}"
+          f"{'refresh s':>11}{'amort. s':>10}")
+
+
+def _fmt_row(r) -> str:
+  fmt = lambda t: "-" if t is None else f"{t:.4f}"
+  return (f"{r['name']:<30}{r['bytes']:>14,}{r['ratio']:>9.3f}{fmt(r['step']):>9}{fmt(r['opt']):>9}"
+          f"{fmt(r['refresh']):>11}{fmt(r['amortized']):>10}")
+
+
+def _print_row(r) -> None:
+  print("  done: " + _fmt_row(r), flush=True)
+
+
 def _set_count(state, value):
   """Sets the step count of the GaLore state (first element of the chain) to ``value``."""
   import jax.numpy as jnp
@@ -122,10 +136,12 @@ def jax_figures(args) -> list[dict]:
         s_r = _set_count(holder["s"], gap)
         _, s2, l = step(holder["p"], s_r)
         jax.block_until_ready(l)
-      t_ref = _median_time(refresh, max(3, args.steps // 2), warmup=1)
+      # the refresh branch is part of the compiled step (lax.cond): no extra warm-up
+      t_ref = _median_time(refresh, max(2, args.steps // 3), warmup=0)
     amort = (t_ref + (gap - 1) * t_step) / gap if t_ref else t_step
     rows.append(dict(name=name, bytes=nbytes, ratio=nbytes / adam_bytes, step=t_step, opt=t_opt,
                      refresh=t_ref, amortized=amort))
+    _print_row(rows[-1])
   return rows
 
 
@@ -181,7 +197,7 @@ def torch_figures(args) -> list[dict]:
           if "step" in st:
             st["step"] = gap
         full()
-      t_ref = _median_time(refresh, max(3, args.steps // 2), warmup=1)
+      t_ref = _median_time(refresh, max(2, args.steps // 3), warmup=0)
     nbytes = 0
     for st in opt.state.values():
       for k, v in st.items():
@@ -195,6 +211,7 @@ def torch_figures(args) -> list[dict]:
   if rows:
     for r in rows:
       r["ratio"] = r["bytes"] / rows[0]["bytes"]
+      _print_row(r)
   return rows
 
 
@@ -295,16 +312,13 @@ def main():
     return
   print(f"GaLore bench: {args.layers} x Linear({args.dim},{args.dim})+GELU, batch {args.batch}, "
         f"rank {args.rank}, gap {args.gap}, scale 0.25; backend {jax.devices()[0].platform}, "
-        f"median of {args.steps} steps")
+        f"median of {args.steps} steps", flush=True)
   rows = jax_figures(args)
   if not args.no_torch:
     rows += torch_figures(args)
-  fmt = lambda t: "-" if t is None else f"{t:.4f}"
-  print(f"\n{'optimizer':<30}{'state bytes':>14}{'x AdamW':>9}{'step s':>9}{'opt s':>9}"
-        f"{'refresh s':>11}{'amort. s':>10}")
+  print("\n" + HEADER)
   for r in rows:
-    print(f"{r['name']:<30}{r['bytes']:>14,}{r['ratio']:>9.3f}{fmt(r['step']):>9}{fmt(r['opt']):>9}"
-          f"{fmt(r['refresh']):>11}{fmt(r['amortized']):>10}")
+    print(_fmt_row(r))
   print("(torch rows: ratio to torch AdamW; state bytes exclude torch's step counters)")
   if not args.no_offload:
     offload_figures(args)
