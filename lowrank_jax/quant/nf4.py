@@ -191,7 +191,7 @@ class Quant4:
       dq_block_size: block of the second-level 8-bit codec (bitsandbytes: 256).
       name: leaf path used in error messages.
       shift: optional per-block shift ``τ`` (float32 ``[num_blocks]``) subtracted before
-        and added after quantization (see :mod:`lowrank_jax.quant.icq`).
+        and added after decoding (the hook for IR-QLoRA's ICQ; no search for τ is implemented yet).
 
     Returns:
       A :class:`Quant4`.
