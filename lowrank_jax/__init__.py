@@ -43,6 +43,6 @@ from lowrank_jax.merging import add_weighted_adapter, extract_lora, stack
 from lowrank_jax.optim import (adamw_8bit, galore_adamw, loraplus, memory_report, offload,
                                scale_by_galore)
 
-from lowrank_jax import checkpoint, nn, sharding, train
+from lowrank_jax import checkpoint, nn, ops, sharding, train
 
 __version__ = "0.1.0"

@@ -29,6 +29,8 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
+from lowrank_jax import ops
+
 PyTree = Any
 
 __all__ = [
@@ -116,10 +118,7 @@ def factored_matmul(x: jax.Array, a: jax.Array, b: jax.Array, scale: Any = 1.0,
   ``a`` is ``[in, r]`` and ``b`` is ``[r, out]``; the ``[in, out]`` product is never
   formed, so the cost is ``O(r (in + out))`` per row instead of ``O(in out)``.
   """
-  xa = x.astype(a.dtype)
-  if dropout_rate > 0.0 and rng is not None:
-    keep = jax.random.bernoulli(rng, 1.0 - dropout_rate, xa.shape)
-    xa = jnp.where(keep, xa / (1.0 - dropout_rate), 0)
+  xa = ops.dropout(x.astype(a.dtype), dropout_rate, rng)
   h = jnp.matmul(xa, a)
   if not (isinstance(scale, float) and scale == 1.0):
     h = h * scale

@@ -39,7 +39,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-from lowrank_jax import lazy, tree as tree_lib
+from lowrank_jax import lazy, ops, tree as tree_lib
 from lowrank_jax.methods.lora import Init, LoRAWeight, lora_method, lora_scale
 from lowrank_jax.reparam import LeafMethod, MatrixView, Reparam, adapt
 
@@ -65,11 +65,6 @@ def dora_column_norm(w0: jax.Array, a: jax.Array, b: jax.Array, scale: Any) -> j
   delta_sq = jnp.sum(((a.T @ a) @ b) * b, axis=0)
   sq = base_sq + 2.0 * scale * cross + (scale * scale) * delta_sq
   return jnp.sqrt(jnp.maximum(sq, 0.0))
-
-
-def _dropout(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
-  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
 @lazy.pytree_dataclass
@@ -111,7 +106,7 @@ class DoRAWeight(lazy.LazyWeight):
       return super().matmul(x)
     scale = self._col_scale()
     if lw.dropout_rate > 0.0 and lw.rng is not None:
-      xd = _dropout(x, lw.dropout_rate, lw.rng)
+      xd = ops.dropout(x, lw.dropout_rate, lw.rng)
       base_x = lazy.dot(x, lw.base)
       base_d = lazy.dot(xd, lw.base)
       upd = lazy.factored_matmul(xd, lw.a, lw.b, lw.scale)

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from lowrank_jax import lazy
+from lowrank_jax.ops import dropout
 
 __all__ = [
   "dense",
@@ -121,16 +122,6 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
   "swish": jax.nn.silu,
   "tanh": jnp.tanh,
 }
-
-
-def dropout(x: jax.Array, rate: float, rng: Optional[jax.Array]) -> jax.Array:
-  """Inverted dropout with an explicit key; identity when ``rng is None`` or ``rate == 0``."""
-  if rng is None or rate == 0.0:
-    return x
-  if not 0.0 <= rate < 1.0:
-    raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
-  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-  return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype)).astype(x.dtype)
 
 
 def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
