@@ -1,0 +1,262 @@
+"""Bottleneck adapters: zero init is the identity, the adapted BERT equals a float64 numpy
+BERT with the adapters written out by hand, placements/layers/parameter count, gradients reach
+only the adapters, and the reparam composes with lj.chain, lj.full, jit and optax."""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import lowrank_jax as lj
+from lowrank_jax import train
+from lowrank_jax.methods import adapters
+from lowrank_jax.models import bert
+
+CFG = bert.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=3, num_attention_heads=4,
+                      intermediate_size=24, max_position_embeddings=32)
+ATT, OUT = "attention/output/kernel", "output/kernel"
+
+
+@pytest.fixture(scope="module")
+def setup():
+  params = bert.init_bert(jax.random.PRNGKey(0), CFG, pooler=False)
+  # Larger weights and non-trivial LayerNorm/bias values so that every term matters.
+  params = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.PRNGKey(x.size), x.shape)
+                        if x.ndim == 1 else 10.0 * x, params)
+  theta0 = {"bert": params, "head": bert.init_classifier(jax.random.PRNGKey(1), CFG.hidden_size, 3)}
+  rng = np.random.default_rng(0)
+  ids = rng.integers(0, CFG.vocab_size, (3, 6))
+  mask = np.ones((3, 6), np.int32)
+  mask[1, 4:] = 0
+  return theta0, ids, mask
+
+
+def _layer(phi, i, kernel):
+  node = phi["bert"]["encoder"][f"layer_{i}"]
+  for k in kernel.split("/"):
+    node = node[k]
+  return node
+
+
+def _randomize(phi, key):
+  """Random values in every adapter leaf (the zero init would hide the up projection)."""
+  leaves, treedef = jax.tree.flatten(phi)
+  keys = jax.random.split(key, len(leaves))
+  return jax.tree.unflatten(treedef, [0.3 * jax.random.normal(k, x.shape, x.dtype)
+                                      for k, x in zip(keys, leaves)])
+
+
+# --------------------------------------------------------------------------- numpy reference
+
+def _np_ln(p, x, eps):
+  m = x.mean(-1, keepdims=True)
+  v = ((x - m) ** 2).mean(-1, keepdims=True)
+  return (x - m) / np.sqrt(v + eps) * p["scale"] + p["bias"]
+
+
+def _np_adapter(p, h, act):
+  """h + act(h W_down + b_down) W_up + b_up, written out."""
+  z = act(h @ p["down"]["kernel"] + p["down"]["bias"])
+  return h + z @ p["up"]["kernel"] + p["up"]["bias"]
+
+
+_NP_ACT = {"relu": lambda x: np.maximum(x, 0.0), "tanh": np.tanh}
+
+
+def np_bert(params, cfg, ids, mask, adapters_by_slot, act="relu"):
+  """Float64 BERT forward; ``adapters_by_slot[(i, 'attention'|'output')]`` = adapter params."""
+  P = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
+  A_ = {k: jax.tree.map(lambda x: np.asarray(x, np.float64), v) for k, v in adapters_by_slot.items()}
+  f = _NP_ACT[act]
+  b, t = ids.shape
+  h, dh = cfg.num_attention_heads, cfg.head_dim
+  e = P["embeddings"]
+  x = (e["word_embeddings"]["embedding"][ids] + e["position_embeddings"]["embedding"][:t]
+       + e["token_type_embeddings"]["embedding"][0])
+  x = _np_ln(e["LayerNorm"], x, cfg.layer_norm_eps)
+  for i in range(cfg.num_hidden_layers):
+    L = P["encoder"][f"layer_{i}"]
+    A = L["attention"]
+    q, k, v = ((x @ A[n]["kernel"] + A[n]["bias"]).reshape(b, t, h, dh) for n in ("query", "key", "value"))
+    s = np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(dh)
+    s = np.where(mask.astype(bool)[:, None, None, :], s, -np.inf)
+    pr = np.exp(s - s.max(-1, keepdims=True))
+    pr /= pr.sum(-1, keepdims=True)
+    a = np.einsum("bhts,bshd->bthd", pr, v).reshape(b, t, h * dh) @ A["output"]["kernel"] + A["output"]["bias"]
+    if (i, "attention") in A_:
+      a = _np_adapter(A_[(i, "attention")], a, f)
+    x = _np_ln(A["output"]["LayerNorm"], x + a, cfg.layer_norm_eps)
+    u = x @ L["intermediate"]["kernel"] + L["intermediate"]["bias"]
+    u = 0.5 * u * (1 + np.vectorize(math.erf)(u / np.sqrt(2)))
+    o = u @ L["output"]["kernel"] + L["output"]["bias"]
+    if (i, "output") in A_:
+      o = _np_adapter(A_[(i, "output")], o, f)
+    x = _np_ln(L["output"]["LayerNorm"], x + o, cfg.layer_norm_eps)
+  return x
+
+
+_bert = jax.jit(bert.bert_forward, static_argnums=1)
+
+
+def _fwd(theta, ids, mask, cfg=CFG):
+  return _bert(theta["bert"], cfg, ids, mask)
+
+
+# --------------------------------------------------------------------------- tests
+
+@pytest.mark.parametrize("placement", ["houlsby", "pfeiffer"])
+def test_zero_init_equals_base(setup, placement):
+  theta0, ids, mask = setup
+  reparam = lj.chain(adapters.bottleneck_adapters(placement, reduction_factor=4), lj.full(r"^head/"))
+  phi = reparam.init(jax.random.PRNGKey(2), theta0)
+  theta = reparam.apply(theta0, phi)
+  up = _layer(phi[0], 0, OUT)["up"]
+  assert not np.any(np.asarray(up["kernel"])) and not np.any(np.asarray(up["bias"]))
+  assert float(jnp.std(_layer(phi[0], 0, OUT)["down"]["kernel"])) > 0
+  np.testing.assert_allclose(np.asarray(_fwd(theta, ids, mask)), np.asarray(_fwd(theta0, ids, mask)),
+                             rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("placement,act", [("houlsby", "relu"), ("pfeiffer", "relu"), ("houlsby", "tanh")])
+def test_forward_matches_numpy_reference(setup, placement, act):
+  theta0, ids, mask = setup
+  cfg = dataclasses.replace(CFG, adapter_activation=act)
+  reparam = adapters.bottleneck_adapters(placement, bottleneck=5)
+  phi = _randomize(reparam.init(jax.random.PRNGKey(3), theta0), jax.random.PRNGKey(4))
+  theta = jax.jit(reparam.apply)(theta0, phi)
+  slots = {}
+  for i in range(CFG.num_hidden_layers):
+    slots[(i, "output")] = _layer(phi, i, OUT)
+    if placement == "houlsby":
+      slots[(i, "attention")] = _layer(phi, i, ATT)
+  ref = np_bert(theta0["bert"], cfg, ids, mask, slots, act)
+  got = np.asarray(_fwd(theta, ids, mask, cfg))
+  valid = mask.astype(bool)
+  np.testing.assert_allclose(got[valid], ref[valid], rtol=1e-4, atol=1e-4)
+  # And the adapters are not a no-op here.
+  assert np.abs(got - np.asarray(_fwd(theta0, ids, mask, cfg))).max() > 1e-2
+
+
+def test_apply_inserts_subtrees_and_keeps_base_leaves(setup):
+  theta0, _, _ = setup
+  reparam = adapters.bottleneck_adapters("houlsby", reduction_factor=4)
+  phi = reparam.init(jax.random.PRNGKey(0), theta0)
+  theta = reparam.apply(theta0, phi)
+  layer = theta["bert"]["encoder"]["layer_1"]
+  assert layer["attention_adapter"] is _layer(phi, 1, ATT)
+  assert layer["output_adapter"] is _layer(phi, 1, OUT)
+  for path, x in lj.flatten_with_paths(theta0):
+    node = theta
+    for k in path.split("/"):
+      node = node[k]
+    assert node is x, path
+  # theta0 itself is not modified.
+  assert "output_adapter" not in theta0["bert"]["encoder"]["layer_1"]
+  new = sorted(set(lj.leaf_paths(theta)) - set(lj.leaf_paths(theta0)))
+  assert len(new) == 4 * 2 * CFG.num_hidden_layers
+  assert all("_adapter/" in p for p in new)
+  # unmerge removes exactly the inserted subtrees.
+  back = reparam.unmerge(theta, phi)
+  assert jax.tree.structure(back) == jax.tree.structure(theta0)
+
+
+@pytest.mark.parametrize("placement,layers,n_per_layer", [("houlsby", None, 2), ("pfeiffer", None, 1),
+                                                          ("houlsby", [1], 2), ("pfeiffer", [0, 2], 1)])
+def test_placement_layers_and_param_count(setup, placement, layers, n_per_layer):
+  theta0, _, _ = setup
+  reparam = adapters.bottleneck_adapters(placement, reduction_factor=4, layers=layers)
+  phi = reparam.init(jax.random.PRNGKey(0), theta0)
+  theta = reparam.apply(theta0, phi)
+  chosen = range(CFG.num_hidden_layers) if layers is None else layers
+  for i in range(CFG.num_hidden_layers):
+    node = theta["bert"]["encoder"][f"layer_{i}"]
+    assert ("output_adapter" in node) == (i in chosen)
+    assert ("attention_adapter" in node) == (i in chosen and placement == "houlsby")
+  d, m = CFG.hidden_size, CFG.hidden_size // 4
+  assert _layer(phi, chosen[0], OUT)["down"]["kernel"].shape == (d, m)
+  assert _layer(phi, chosen[0], OUT)["up"]["kernel"].shape == (m, d)
+  expected = len(chosen) * n_per_layer * (2 * d * m + m + d)
+  assert lj.count_params(phi) == expected == len(chosen) * n_per_layer * adapters.adapter_param_count(d, m)
+
+
+def test_bottleneck_size_and_minilm_count():
+  assert adapters.bottleneck_size(384, 16) == 24
+  assert adapters.bottleneck_size(384, 16, bottleneck=64) == 64
+  assert adapters.bottleneck_size(8, 16) == 1
+  # MiniLM-L6 shapes (D=384, 6 layers) via eval_shape: no weights needed.
+  shapes = jax.eval_shape(lambda: bert.init_bert(jax.random.PRNGKey(0), bert.BertConfig(), pooler=False))
+  phi = jax.eval_shape(lambda: adapters.bottleneck_adapters("houlsby").init(jax.random.PRNGKey(0), shapes))
+  assert lj.count_params(phi) == 6 * 2 * (2 * 384 * 24 + 24 + 384)
+
+
+def test_gradients_reach_only_adapters_and_train_step(setup):
+  theta0, ids, mask = setup
+  reparam = lj.chain(adapters.bottleneck_adapters("houlsby", bottleneck=3), lj.full(r"^head/"))
+  phi = reparam.init(jax.random.PRNGKey(5), theta0)
+  # The trainable tree holds only adapter and head leaves.
+  trainable = [p for p, x in lj.flatten_with_paths(phi[0]) if x is not None] + \
+              [p for p, x in lj.flatten_with_paths(phi[1]) if x is not None]
+  assert trainable and all(("/down/" in p or "/up/" in p) or p.startswith("head/") for p in trainable)
+  assert lj.count_params(phi[1]) == lj.count_params(theta0["head"])
+  labels = jnp.array([0, 1, 2])
+
+  def loss_fn(theta, batch, rng):
+    h = bert.bert_forward(theta["bert"], CFG, batch["ids"], batch["mask"])
+    return train.softmax_cross_entropy(bert.classifier_logits(theta["head"], h), batch["labels"])
+
+  batch = {"ids": jnp.asarray(ids), "mask": jnp.asarray(mask), "labels": labels}
+  # At init W_up = 0, so only W_up, b_up (and the head) get gradient; W_down gets it once
+  # W_up != 0. (A loss over all tokens, so that no ReLU unit is inactive on every token
+  # that reaches the loss.)
+  G = jax.random.normal(jax.random.PRNGKey(7), (3, 6, CFG.hidden_size))
+  grad = jax.jit(jax.grad(lambda p: jnp.sum(G * _fwd(reparam.apply(theta0, p), ids, mask))))
+  g = grad(phi)
+  up = _layer(g[0], 0, ATT)["up"]
+  assert float(jnp.abs(up["kernel"]).max()) > 0 and float(jnp.abs(up["bias"]).max()) > 0
+  assert float(jnp.abs(_layer(g[0], 0, ATT)["down"]["kernel"]).max()) == 0.0
+  g = grad((_randomize(phi[0], jax.random.PRNGKey(6)), phi[1]))
+  for path, x in lj.flatten_with_paths(g[0]):
+    if x is not None:
+      assert float(jnp.abs(x).max()) > 0, path
+  # A jitted AdamW step (lowrank_jax.train) moves the adapters and leaves theta0 alone.
+  opt = optax.adamw(1e-2, weight_decay=0.01)
+  step = train.make_train_step(reparam, opt, loss_fn, donate=False)
+  before = jax.tree.map(np.asarray, theta0)
+  phi1, _, metrics = step(phi, opt.init(phi), theta0, batch, None)
+  assert np.isfinite(float(metrics["loss"]))
+  assert float(jnp.abs(_layer(phi1[0], 2, OUT)["up"]["kernel"]).max()) > 0
+  jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, theta0))
+
+
+def test_chain_selection_sees_inserted_paths(setup):
+  theta0, _, _ = setup
+  # A later reparam selects by path on the adapted tree: the head only, or the adapters.
+  r = lj.chain(adapters.bottleneck_adapters("pfeiffer", bottleneck=2), lj.full(r"^head/"))
+  phi = r.init(jax.random.PRNGKey(0), theta0)
+  assert [p for p, x in lj.flatten_with_paths(phi[1]) if x is not None] == ["head/bias/w", "head/kernel/w"]
+  r2 = lj.chain(adapters.bottleneck_adapters("pfeiffer", bottleneck=2), lj.full(r"_adapter/up/"))
+  phi2 = r2.init(jax.random.PRNGKey(0), theta0)
+  assert lj.count_params(phi2[1]) == CFG.num_hidden_layers * (2 * CFG.hidden_size + CFG.hidden_size)
+
+
+def test_errors(setup):
+  theta0, _, _ = setup
+  with pytest.raises(ValueError, match="not a sub-layer output kernel"):
+    adapters.bottleneck_adapters(where=r"query/kernel").init(jax.random.PRNGKey(0), theta0)
+  with pytest.raises(ValueError, match="placement"):
+    adapters.bottleneck_adapters("parallel")
+  with pytest.raises(ValueError, match="bottleneck"):
+    adapters.bottleneck_adapters(bottleneck=0)
+  with pytest.raises(ValueError, match="selects no leaf"):
+    adapters.bottleneck_adapters(layers=[7]).init(jax.random.PRNGKey(0), theta0)
+  reparam = adapters.bottleneck_adapters("pfeiffer", bottleneck=2)
+  phi = reparam.init(jax.random.PRNGKey(0), theta0)
+  theta = reparam.apply(theta0, phi)
+  with pytest.raises(ValueError, match="already exists"):
+    reparam.apply(theta, reparam.init(jax.random.PRNGKey(0), theta))
+  with pytest.raises(ValueError, match="not in theta"):
+    reparam.unmerge(theta0, phi)
