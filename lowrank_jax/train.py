@@ -43,6 +43,7 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Arr
 
 
 def make_train_step(reparam: Reparam, optimizer: optax.GradientTransformation, loss_fn: LossFn, *,
+                    regularizer: Optional[Callable[[PyTree], jax.Array]] = None,
                     donate: bool = True, jit: bool = True):
   """Builds ``step(phi, opt_state, theta0, batch, rng) -> (phi, opt_state, metrics)``.
 
@@ -51,6 +52,8 @@ def make_train_step(reparam: Reparam, optimizer: optax.GradientTransformation, l
     optimizer: any optax transformation (GaLore, 8-bit, LoRA+ ... compose in).
     loss_fn: ``(theta, batch, rng) -> (loss, metrics)`` on the adapted weights ``theta``
       (``rng`` is ``None`` in deterministic mode).
+    regularizer: optional ``phi -> scalar`` added to the loss (e.g. AdaLoRA's
+      orthogonality penalty); reported as ``metrics["regularizer"]``.
     donate: donate ``phi`` and ``opt_state`` buffers to the update (in-place on device).
     jit: wrap in ``jax.jit``.
   """
@@ -63,7 +66,12 @@ def make_train_step(reparam: Reparam, optimizer: optax.GradientTransformation, l
 
     def objective(phi):
       theta = reparam.apply(theta0, phi, rng=rng_reparam)
-      return loss_fn(theta, batch, rng_model)
+      loss, metrics = loss_fn(theta, batch, rng_model)
+      if regularizer is not None:
+        reg = regularizer(phi)
+        metrics = {**metrics, "regularizer": reg}
+        loss = loss + reg
+      return loss, metrics
 
     (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(phi)
     updates, opt_state = optimizer.update(grads, opt_state, phi)

@@ -53,6 +53,7 @@ from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import optax
 import numpy as np
 
 from lowrank_jax import tree as tree_lib
@@ -60,6 +61,8 @@ from lowrank_jax.methods.lora import LoRAWeight
 from lowrank_jax.reparam import LeafMethod, MatrixView, Reparam, adapt
 
 __all__ = [
+  "with_rank_allocator",
+  "RankAllocationState",
   "adalora",
   "adalora_method",
   "adalora_scale",
@@ -364,3 +367,43 @@ def from_peft(lora_A, lora_E, lora_B) -> dict[str, jax.Array]:
   """Inverse of :func:`to_peft`."""
   return {"a": jnp.asarray(lora_A).T, "e": jnp.asarray(lora_E).reshape(-1),
           "b": jnp.asarray(lora_B).T}
+
+
+class RankAllocationState(NamedTuple):
+  """State of :func:`with_rank_allocator`: the inner optimizer's, the allocator's, the step."""
+  inner: Any
+  alloc: RankAllocatorState
+  count: jax.Array
+
+
+def _adalora_only(tree: PyTree) -> PyTree:
+  return jax.tree.map(lambda x: x if _is_adalora_leaf(x) else None, tree,
+                      is_leaf=lambda x: x is None or _is_adalora_leaf(x))
+
+
+def with_rank_allocator(tx: optax.GradientTransformation,
+                        allocator: RankAllocator) -> optax.GradientTransformation:
+  """Runs ``tx``, then AdaLoRA's budget on the updated adapters, as one optax transformation.
+
+  This is peft's ``optimizer.step(); model.base_model.update_and_allocate(step)``: the
+  allocator sees the parameters after the update and the raw gradients of the step, and
+  masks the least important triplets; the returned updates move ``params`` to the masked
+  parameters. Non-AdaLoRA leaves of ``params`` (e.g. a classifier head) are untouched by
+  the allocator. The step counter starts at 0.
+  """
+
+  def init(params):
+    return RankAllocationState(tx.init(params), allocator.init(_adalora_only(params)),
+                               jnp.zeros([], jnp.int32))
+
+  def update(grads, state, params=None):
+    if params is None:
+      raise ValueError("with_rank_allocator needs params in update(grads, state, params)")
+    updates, inner = tx.update(grads, state.inner, params)
+    new = optax.apply_updates(params, updates)
+    masked, alloc = allocator.update(state.alloc, _adalora_only(new), _adalora_only(grads), state.count)
+    new = tree_lib.combine(masked, new)
+    updates = jax.tree.map(lambda n, p: n - p, new, params)
+    return updates, RankAllocationState(inner, alloc, state.count + 1)
+
+  return optax.GradientTransformation(init, update)

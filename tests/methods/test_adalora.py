@@ -258,3 +258,39 @@ def test_allocator_errors():
     ad.rank_allocator(total_step=10, tinit=5, tfinal=5)
   with pytest.raises(ValueError, match="no AdaLoRA leaf"):
     ad.rank_allocator(total_step=10).init({"w": None})
+
+
+def test_with_rank_allocator_equals_manual_loop():
+  """The optax wrapper equals `tx.update; apply; allocator.update` done by hand, and leaves a head alone."""
+  import optax
+  from lowrank_jax.methods.adalora import adalora, rank_allocator, with_rank_allocator
+  key = jax.random.key(0)
+  theta0 = {"l1": {"kernel": jax.random.normal(key, (12, 10))}, "l2": {"kernel": jnp.ones((10, 8))},
+            "head": jnp.ones((8, 3))}
+  reparam = lj.chain(adalora(r"l\d/kernel", init_r=4, alpha=4), lj.full(r"^head$"))
+  phi = jax.tree.map(lambda x: x + 0.1, reparam.init(jax.random.key(1), theta0))
+  alloc = rank_allocator(target_r=2, total_step=6, tinit=1, tfinal=1)
+  tx = optax.sgd(0.05)
+  wrapped = with_rank_allocator(tx, alloc)
+  x = jax.random.normal(jax.random.key(2), (5, 12))
+
+  def loss(phi):
+    t = reparam.apply(theta0, phi)
+    return jnp.sum(jnp.tanh(lj.dot(lj.dot(x, t["l1"]["kernel"]), t["l2"]["kernel"]) @ t["head"]))
+
+  s_w = wrapped.init(phi)
+  p_w = phi
+  p_m, s_tx, s_al = phi, tx.init(phi), alloc.init((phi[0],))
+  for step in range(6):
+    g = jax.grad(loss)(p_w)
+    u, s_w = jax.jit(wrapped.update)(g, s_w, p_w)
+    p_w = optax.apply_updates(p_w, u)
+    g = jax.grad(loss)(p_m)
+    u, s_tx = tx.update(g, s_tx, p_m)
+    p_m = optax.apply_updates(p_m, u)
+    masked, s_al = alloc.update(s_al, (p_m[0],), (g[0],), step)
+    p_m = (masked[0], p_m[1])
+  chex.assert_trees_all_close(p_w, p_m, atol=1e-6)
+  kept = [int(k.sum()) for k in jax.tree.leaves(s_w.alloc.keep)]
+  assert sum(kept) == 4  # the final budget: target_r x 2 layers
+  assert not np.allclose(p_w[1]["head"]["w"], phi[1]["head"]["w"])  # the head trained normally
