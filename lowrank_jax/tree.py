@@ -40,6 +40,8 @@ __all__ = [
   "count_bytes",
   "map_selected",
   "Siblings",
+  "with_subtree",
+  "without_subtree",
 ]
 
 
@@ -209,3 +211,47 @@ def count_params(tree: PyTree) -> int:
 def count_bytes(tree: PyTree) -> int:
   """Bytes held by the array leaves of ``tree`` (packed codecs count their real buffers)."""
   return _leaf_nbytes(tree)
+
+
+# --------------------------------------------------------------------------- subtree insertion
+# For methods that add parameters to the model's tree (bottleneck adapters, prefixes).
+
+def _dict_node(tree: PyTree, parts: Sequence[str], what: str):
+  from collections.abc import Mapping
+  node = tree
+  for i, k in enumerate(parts):
+    if not isinstance(node, Mapping) or k not in node:
+      raise ValueError(f"{what}: no dict node '{'/'.join(parts[:i + 1])}' in the tree; keys there: "
+                       f"{sorted(node) if isinstance(node, Mapping) else type(node).__name__}")
+    node = node[k]
+  if not isinstance(node, Mapping):
+    raise ValueError(f"{what}: '{'/'.join(parts)}' is a {type(node).__name__}, not a dict node")
+  return node
+
+
+def _replace_node(tree: PyTree, parts: Sequence[str], fn: Callable[[Any], Any]) -> PyTree:
+  if not parts:
+    return fn(tree)
+  return {**tree, parts[0]: _replace_node(tree[parts[0]], parts[1:], fn)}
+
+
+def with_subtree(tree: PyTree, path: str, value: Any) -> PyTree:
+  """A copy of a nested-dict ``tree`` with ``value`` added at the new key ``path`` ('/'-joined).
+
+  Only the dicts along ``path`` are copied; every other node is shared with ``tree``.
+  The parent must exist and ``path`` must not.
+  """
+  *parent, name = [p for p in path.split("/") if p]
+  node = _dict_node(tree, parent, f"with_subtree('{path}')")
+  if name in node:
+    raise ValueError(f"with_subtree: '{path}' already exists in the tree")
+  return _replace_node(tree, parent, lambda n: {**n, name: value})
+
+
+def without_subtree(tree: PyTree, path: str) -> PyTree:
+  """A copy of a nested-dict ``tree`` without the key ``path`` (inverse of :func:`with_subtree`)."""
+  *parent, name = [p for p in path.split("/") if p]
+  node = _dict_node(tree, parent, f"without_subtree('{path}')")
+  if name not in node:
+    raise ValueError(f"without_subtree: '{path}' is not in the tree")
+  return _replace_node(tree, parent, lambda n: {k: v for k, v in n.items() if k != name})

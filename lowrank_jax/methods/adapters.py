@@ -182,41 +182,6 @@ def _slots(theta0: PyTree, phi: PyTree) -> dict[tuple[str, str], Any]:
   return out
 
 
-def _node(tree: PyTree, parts: Sequence[str], what: str) -> Mapping:
-  for i, k in enumerate(parts):
-    if not isinstance(tree, Mapping) or k not in tree:
-      raise ValueError(f"adapters: no dict node '{'/'.join(parts[:i + 1])}' to {what}")
-    tree = tree[k]
-  if not isinstance(tree, Mapping):
-    raise ValueError(f"adapters: '{'/'.join(parts)}' is not a dict node (cannot {what})")
-  return tree
-
-
-def _edit(tree: PyTree, parts: Sequence[str], fn) -> PyTree:
-  """Copies the dicts along ``parts`` and replaces the last node by ``fn(node)``."""
-  if not parts:
-    return fn(tree)
-  new = dict(tree)
-  new[parts[0]] = _edit(tree[parts[0]], parts[1:], fn)
-  return new
-
-
-def _insert(theta: PyTree, layer: str, slot: str, value: Any) -> PyTree:
-  parts = [p for p in layer.split("/") if p]
-  node = _node(theta, parts, f"insert '{slot}' into")
-  if slot in node:
-    raise ValueError(f"adapters: '{layer}/{slot}' already exists in theta (adapters applied twice?)")
-  return _edit(theta, parts, lambda n: {**n, slot: value})
-
-
-def _remove(theta: PyTree, layer: str, slot: str) -> PyTree:
-  parts = [p for p in layer.split("/") if p]
-  node = _node(theta, parts, f"remove '{slot}' from")
-  if slot not in node:
-    raise ValueError(f"adapters: '{layer}/{slot}' is not in theta; nothing to unmerge")
-  return _edit(theta, parts, lambda n: {k: v for k, v in n.items() if k != slot})
-
-
 def bottleneck_adapters(placement: Placement = "houlsby", *, reduction_factor: Optional[float] = 16,
                         bottleneck: Optional[int] = None,
                         layers: Optional[Sequence[int]] = None,
@@ -251,7 +216,7 @@ def bottleneck_adapters(placement: Placement = "houlsby", *, reduction_factor: O
   def apply(theta0: PyTree, phi: PyTree, rng: Optional[jax.Array] = None) -> PyTree:
     theta = theta0
     for (layer, slot), p in _slots(theta0, phi).items():
-      theta = _insert(theta, layer, slot, p)
+      theta = tree_lib.with_subtree(theta, f"{layer}/{slot}", p)
     return theta
 
   def unmerge(theta: PyTree, phi: PyTree) -> PyTree:
@@ -260,7 +225,7 @@ def bottleneck_adapters(placement: Placement = "houlsby", *, reduction_factor: O
       _check_adapter(path, p)
       slots[adapter_slot(path)] = p
     for layer, slot in slots:
-      theta = _remove(theta, layer, slot)
+      theta = tree_lib.without_subtree(theta, f"{layer}/{slot}")
     return theta
 
   return Reparam(init=inner.init, apply=apply, init_with_base=inner.init_with_base,

@@ -67,23 +67,36 @@ def _np_adapter(p, h, act):
 _NP_ACT = {"relu": lambda x: np.maximum(x, 0.0), "tanh": np.tanh}
 
 
-def np_bert(params, cfg, ids, mask, adapters_by_slot, act="relu"):
-  """Float64 BERT forward; ``adapters_by_slot[(i, 'attention'|'output')]`` = adapter params."""
+def np_bert(params, cfg, ids, mask, adapters_by_slot=None, act="relu", prefix=None):
+  """Float64 BERT forward, written from the equations.
+
+  ``adapters_by_slot[(i, 'attention'|'output')]``: adapter params after that sub-layer.
+  ``prefix[i] = (P_K [P, D], P_V [P, D])``: concatenated in front of layer ``i``'s keys and
+  values (always attended to); position ids then start at ``P`` (Hugging Face behaviour).
+  """
   P = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
-  A_ = {k: jax.tree.map(lambda x: np.asarray(x, np.float64), v) for k, v in adapters_by_slot.items()}
+  A_ = {k: jax.tree.map(lambda x: np.asarray(x, np.float64), v)
+        for k, v in (adapters_by_slot or {}).items()}
   f = _NP_ACT[act]
   b, t = ids.shape
   h, dh = cfg.num_attention_heads, cfg.head_dim
+  off = 0 if prefix is None else np.shape(prefix[0][0])[0]
   e = P["embeddings"]
-  x = (e["word_embeddings"]["embedding"][ids] + e["position_embeddings"]["embedding"][:t]
+  x = (e["word_embeddings"]["embedding"][ids] + e["position_embeddings"]["embedding"][off:off + t]
        + e["token_type_embeddings"]["embedding"][0])
   x = _np_ln(e["LayerNorm"], x, cfg.layer_norm_eps)
   for i in range(cfg.num_hidden_layers):
     L = P["encoder"][f"layer_{i}"]
     A = L["attention"]
-    q, k, v = ((x @ A[n]["kernel"] + A[n]["bias"]).reshape(b, t, h, dh) for n in ("query", "key", "value"))
+    q, k, v = ((x @ A[n]["kernel"] + A[n]["bias"]) for n in ("query", "key", "value"))
+    m = mask.astype(bool)
+    if prefix is not None:  # explicit concatenation [P_K; K], [P_V; V], mask [1..1; m]
+      pk, pv = (np.broadcast_to(np.asarray(z, np.float64), (b,) + np.shape(z)) for z in prefix[i])
+      k, v = np.concatenate([pk, k], axis=1), np.concatenate([pv, v], axis=1)
+      m = np.concatenate([np.ones((b, pk.shape[1]), bool), m], axis=1)
+    q, k, v = (z.reshape(b, z.shape[1], h, dh) for z in (q, k, v))
     s = np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(dh)
-    s = np.where(mask.astype(bool)[:, None, None, :], s, -np.inf)
+    s = np.where(m[:, None, None, :], s, -np.inf)
     pr = np.exp(s - s.max(-1, keepdims=True))
     pr /= pr.sum(-1, keepdims=True)
     a = np.einsum("bhts,bshd->bthd", pr, v).reshape(b, t, h * dh) @ A["output"]["kernel"] + A["output"]["bias"]
@@ -258,5 +271,19 @@ def test_errors(setup):
   theta = reparam.apply(theta0, phi)
   with pytest.raises(ValueError, match="already exists"):
     reparam.apply(theta, reparam.init(jax.random.PRNGKey(0), theta))
-  with pytest.raises(ValueError, match="not in theta"):
+  with pytest.raises(ValueError, match="is not in the tree"):
     reparam.unmerge(theta0, phi)
+
+
+def test_tree_subtree_helpers():
+  t = {"a": {"b": {"c": 1}}, "z": [2]}
+  u = lj.tree.with_subtree(t, "a/b/new", {"x": 3})
+  assert u == {"a": {"b": {"c": 1, "new": {"x": 3}}}, "z": [2]} and "new" not in t["a"]["b"]
+  assert u["z"] is t["z"]
+  assert lj.tree.without_subtree(u, "a/b/new") == t
+  with pytest.raises(ValueError, match="already exists"):
+    lj.tree.with_subtree(u, "a/b/new", 0)
+  with pytest.raises(ValueError, match="no dict node 'a/q'"):
+    lj.tree.with_subtree(t, "a/q/new", 0)
+  with pytest.raises(ValueError, match="not a dict node"):
+    lj.tree.with_subtree(t, "z/new", 0)
