@@ -53,7 +53,12 @@ def run_one(cfg: dict, out_dir: pathlib.Path, quiet: bool = False) -> dict:
   theta0 = {"bert": bert_params,
             "head": bert.init_classifier(k_head, config.hidden_size, len(label_names))}
   n_total = lj.count_params(theta0)
-  theta0, reparam, phi = recipes.build_method(cfg["method"], theta0, k_method)
+  bs = cfg.get("batch_size", 32)
+  epochs = cfg.get("epochs", 3)
+  steps_per_epoch = len(splits["train"]["labels"]) // bs
+  total_steps = epochs * steps_per_epoch
+  setup = recipes.build(cfg["method"], theta0, k_method, total_steps)
+  theta0, reparam, phi = setup.theta0, setup.reparam, setup.phi
   pooling = cfg.get("pooling", "mean")
   dropout = cfg.get("dropout", 0.1)
 
@@ -63,12 +68,9 @@ def run_one(cfg: dict, out_dir: pathlib.Path, quiet: bool = False) -> dict:
     logits = bert.classifier_logits(theta["head"], h, batch["attention_mask"], pooling)
     return train.softmax_cross_entropy(logits, batch["labels"])
 
-  bs = cfg.get("batch_size", 32)
-  epochs = cfg.get("epochs", 3)
-  steps_per_epoch = len(splits["train"]["labels"]) // bs
-  optimizer = recipes.build_optimizer(cfg.get("optimizer", {}), epochs * steps_per_epoch)
+  optimizer = setup.wrap_optimizer(recipes.build_optimizer(cfg.get("optimizer", {}), total_steps))
   opt_state = optimizer.init(phi)
-  step = train.make_train_step(reparam, optimizer, loss_fn)
+  step = train.make_train_step(reparam, optimizer, loss_fn, regularizer=setup.regularizer)
   # label by the first path component that is not a chain index: bert / head
   mem = memory.memory_report(theta0, phi, opt_state, partition=lambda path: next(
       (c for c in path.split("/") if not c.isdigit()), "(root)"))
@@ -76,12 +78,14 @@ def run_one(cfg: dict, out_dir: pathlib.Path, quiet: bool = False) -> dict:
     print(f"[{cfg['name']}] {lj.count_params(phi):,} trainable of {n_total:,} parameters\n{mem}", flush=True)
 
   @jax.jit
-  def predict(phi, theta0, batch):
-    theta = reparam.apply(theta0, phi)
+  def predict_theta(theta, batch):
     h = bert.bert_forward(theta["bert"], config, batch["input_ids"], batch["attention_mask"])
     return bert.classifier_logits(theta["head"], h, batch["attention_mask"], pooling)
 
-  def evaluate(split):
+  def predict(phi, theta0, batch):
+    return predict_theta(reparam.apply(theta0, phi), batch)
+
+  def evaluate(split, predict=predict):
     """(accuracy, mean loss) over the whole split; the last batch is padded to ``bs``."""
     correct, loss_sum, n = 0, 0.0, 0
     for b in train.batches(splits[split], bs, drop_last=False):
@@ -116,12 +120,18 @@ def run_one(cfg: dict, out_dir: pathlib.Path, quiet: bool = False) -> dict:
     print(f"[{cfg['name']}] epoch {epoch + 1}: train loss {np.mean(losses):.4f}  "
           f"val loss {val_loss:.4f}  val acc {val_acc:.4f}", flush=True)
   test_acc, test_loss = evaluate("test")
+  deployed = None
+  if cfg.get("deploy"):
+    theta_dep = recipes.deploy(cfg["deploy"], reparam, theta0, phi)
+    deployed, _ = evaluate("test", lambda p, t, b: predict_theta(theta_dep, b))
+    print(f"[{cfg['name']}] deployed ({cfg['deploy']['kind']}) test accuracy {deployed:.4f} "
+          f"(unmerged {test_acc:.4f})", flush=True)
   n_train = lj.count_params(phi)
   result = {
     "name": cfg["name"], "method": cfg["method"]["kind"], "config": cfg,
     "trainable_params": n_train, "total_params": n_total,
     "trainable_percent": 100.0 * n_train / n_total,
-    "test_accuracy": test_acc, "test_loss": test_loss,
+    "test_accuracy": test_acc, "test_loss": test_loss, "deployed_test_accuracy": deployed,
     "step_time_s": timer.median, "train_time_s": time.perf_counter() - t_start,
     "peak_rss_bytes": train.peak_rss_bytes(), "memory": mem.as_dict(), "history": history,
     "n_train": len(splits["train"]["labels"]), "labels": list(label_names),
@@ -132,11 +142,13 @@ def run_one(cfg: dict, out_dir: pathlib.Path, quiet: bool = False) -> dict:
 
 
 def table(results: list[dict]) -> str:
-  rows = ["| method | trainable params | % of total | test accuracy | step time (s) | peak RSS (GiB) |",
-          "|---|---:|---:|---:|---:|---:|"]
+  rows = ["| method | trainable params | % of total | test accuracy | deployed acc. | step time (s) "
+          "| peak RSS (GiB) |", "|---|---:|---:|---:|---:|---:|---:|"]
   for r in results:
+    dep = r.get("deployed_test_accuracy")
     rows.append(f"| {r['name']} | {r['trainable_params']:,} | {r['trainable_percent']:.3f} | "
-                f"{r['test_accuracy']:.4f} | {r['step_time_s']:.3f} | {r['peak_rss_bytes'] / 2**30:.2f} |")
+                f"{r['test_accuracy']:.4f} | {'-' if dep is None else f'{dep:.4f}'} | "
+                f"{r['step_time_s']:.3f} | {r['peak_rss_bytes'] / 2**30:.2f} |")
   return "\n".join(rows)
 
 

@@ -1,103 +1,132 @@
-"""Builds (frozen base, reparam, optimizer) from a config dict: the glue between
-``configs/*.json`` and the library. Every method trains the classifier head fully.
+"""Builds a training setup from a config dict: the glue between ``configs/*.json`` and the
+library. Every method also trains the classifier head in full.
 
-Config ``method`` entries: ``{"kind": KIND, ...}`` with KIND one of the keys of
-:data:`METHODS`; remaining keys are passed to the method's constructor.
-Config ``optimizer`` entries: ``{"kind": "adamw" | "galore_adamw" | "adamw_8bit", "lr": ..., ...}``.
+Config ``method``: ``{"kind": KIND, ...}``, KIND a key of :data:`METHODS`; the other keys go
+to the method's constructor (``where``, ``rank``, ``alpha``...). Config ``optimizer``:
+``{"kind": "adamw" | "adamw_8bit" | "galore_adamw", "lr": ..., ...}``. Optional config
+``deploy``: how the trained model is deployed before the extra test evaluation:
+``{"kind": "merge_quantize", "codec": "int4_affine", ...}`` (merge, then quantize) or
+``{"kind": "qalora_merge"}`` (QA-LoRA's merge that stays int4).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import importlib
+from typing import Any, Callable, NamedTuple, Optional
 
-import jax
 import optax
 
 import lowrank_jax as lj
+from lowrank_jax.optim import make_optimizer
 
 HEAD = r"^head/"
+ENCODER_KERNELS = r"^bert/encoder/.*/kernel$"
 
 
-def _lora(theta0, key, **kw):
-  return theta0, lj.lora(**kw)
+class Setup(NamedTuple):
+  theta0: Any                       # frozen base (possibly quantized)
+  reparam: lj.Reparam               # method chained with the head
+  phi: Any                          # trainable parameters
+  regularizer: Optional[Callable]   # phi -> scalar added to the loss
+  wrap_optimizer: Callable          # tx -> tx (e.g. AdaLoRA's rank allocation)
 
 
-def _frozen(theta0, key):
-  return theta0, None
+def _identity(tx):
+  return tx
 
 
-def _full(theta0, key, where=r"^(bert|head)/"):
-  return theta0, lj.full(where)
+def _plain(fn_path: str) -> Callable:
+  """A method constructor ``fn(**kw) -> Reparam`` from the library, by dotted path."""
+  module, name = fn_path.rsplit(".", 1)
 
-
-def _optional(module: str, name: str) -> Callable:
-  """A method provided by another module of the library, looked up when used."""
-  def build(theta0, key, **kw):
-    import importlib
-    fn = getattr(importlib.import_module(module), name)
-    out = fn(**kw)
-    return theta0, out
+  def build(theta0, total_steps, **kw):
+    return theta0, getattr(importlib.import_module(module), name)(**kw), None, _identity
   return build
 
 
-def _qlora(theta0, key, quant: dict | None = None, **lora_kw):
-  from lowrank_jax.quant import qlora
+def _frozen(theta0, total_steps):
+  return theta0, None, None, _identity
+
+
+def _full(theta0, total_steps, where=r"^(bert|head)/"):
+  return theta0, lj.full(where), None, _identity
+
+
+def _qlora(theta0, total_steps, quant: Optional[dict] = None, **lora_kw):
   quant = dict(quant or {})
-  where = quant.pop("where", r"^bert/encoder/.*/kernel$")
-  theta0 = qlora.quantize(theta0, where, **quant)
-  return theta0, lj.lora(**lora_kw)
+  where = quant.pop("where", ENCODER_KERNELS)
+  return lj.quantize(theta0, where, **quant), lj.lora(**lora_kw), None, _identity
+
+
+def _adalora(theta0, total_steps, target_r: int = 4, orth_reg_weight: float = 0.5,
+             tinit_frac: float = 0.1, tfinal_frac: float = 0.2, deltaT: int = 5, **kw):
+  from lowrank_jax.methods import adalora as ad
+  reparam = ad.adalora(**kw)
+  alloc = ad.rank_allocator(target_r, total_step=total_steps, tinit=int(tinit_frac * total_steps),
+                            tfinal=int(tfinal_frac * total_steps), deltaT=deltaT)
+
+  def reg(phi):
+    return orth_reg_weight * ad.orthogonal_regularizer(phi[0])
+  return theta0, reparam, reg, lambda tx: ad.with_rank_allocator(tx, alloc)
 
 
 METHODS: dict[str, Callable[..., Any]] = {
   "frozen": _frozen,
   "full": _full,
-  "lora": _lora,
+  "lora": _plain("lowrank_jax.lora"),
   "qlora": _qlora,
-  "dora": _optional("lowrank_jax.methods.dora", "dora"),
-  "lokr": _optional("lowrank_jax.methods.lokr", "lokr"),
-  "loha": _optional("lowrank_jax.methods.loha", "loha"),
-  "vera": _optional("lowrank_jax.methods.vera", "vera"),
-  "ia3": _optional("lowrank_jax.methods.ia3", "ia3"),
-  "glora": _optional("lowrank_jax.methods.glora", "glora"),
-  "adalora": _optional("lowrank_jax.methods.adalora", "adalora"),
+  "dora": _plain("lowrank_jax.dora"),
+  "lokr": _plain("lowrank_jax.lokr"),
+  "loha": _plain("lowrank_jax.loha"),
+  "vera": _plain("lowrank_jax.vera"),
+  "ia3": _plain("lowrank_jax.ia3"),
+  "glora": _plain("lowrank_jax.glora"),
+  "adalora": _adalora,
+  "said": _plain("lowrank_jax.intrinsic_said"),
+  "loftq": _plain("lowrank_jax.loftq"),
+  "qalora": _plain("lowrank_jax.qalora"),
+  "adapters": _plain("lowrank_jax.methods.adapters.bottleneck_adapters"),
+  "prefix": _plain("lowrank_jax.methods.prefix.prefix_tuning"),
 }
 
 
-def build_method(cfg: dict, theta0, key):
-  """Returns ``(theta0', reparam, phi)``; the head is always trained in full."""
+def build(cfg: dict, theta0, key, total_steps: int) -> Setup:
+  """The training setup of one ``method`` config; the head is always trained in full."""
   spec = dict(cfg)
   kind = spec.pop("kind")
   if kind not in METHODS:
     raise ValueError(f"unknown method kind {kind!r}; known: {sorted(METHODS)}")
-  theta0, method = METHODS[kind](theta0, key, **spec)
-  head = lj.full(HEAD)
+  theta0, method, reg, wrap = METHODS[kind](theta0, total_steps, **spec)
   if method is None:
-    reparam = head
+    reparam = lj.full(HEAD)
   elif kind == "full":
     reparam = method
   else:
-    reparam = lj.chain(method, head)
+    reparam = lj.chain(method, lj.full(HEAD))
   theta0, phi = lj.initialize(reparam, key, theta0)
-  return theta0, reparam, phi
+  return Setup(theta0, reparam, phi, reg, wrap)
 
 
 def build_optimizer(cfg: dict, total_steps: int) -> optax.GradientTransformation:
-  spec = dict(cfg)
-  kind = spec.pop("kind", "adamw")
-  lr = spec.pop("lr", 1e-3)
+  """``lowrank_jax.optim.make_optimizer`` with warm-up + cosine decay of ``lr``; defaults:
+  AdamW, weight decay 0.01, global-norm clipping at 1.0."""
+  spec = {"kind": "adamw", "lr": 1e-3, "weight_decay": 0.01, "clip": 1.0, **cfg}
+  lr = spec.pop("lr")
   warmup = spec.pop("warmup_frac", 0.06)
-  wd = spec.pop("weight_decay", 0.01)
-  schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, int(warmup * total_steps)),
-                                                max(2, total_steps), end_value=lr * 0.05)
-  clip = spec.pop("clip", 1.0)
-  if kind == "adamw":
-    opt = optax.adamw(schedule, weight_decay=wd, **spec)
-  elif kind == "adamw_8bit":
-    from lowrank_jax.optim import adam8bit
-    opt = adam8bit.adamw_8bit(schedule, weight_decay=wd, **spec)
-  elif kind == "galore_adamw":
-    from lowrank_jax.optim import galore
-    opt = galore.galore_adamw(schedule, weight_decay=wd, **spec)
-  else:
-    raise ValueError(f"unknown optimizer kind {kind!r}")
-  return optax.chain(optax.clip_by_global_norm(clip), opt) if clip else opt
+  spec["lr"] = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, int(warmup * total_steps)),
+                                                  max(2, total_steps), end_value=lr * 0.05)
+  return make_optimizer(spec)
+
+
+def deploy(cfg: Optional[dict], reparam: lj.Reparam, theta0, phi):
+  """The deployed weights: merged dense, or quantized after the merge, or QA-LoRA-merged."""
+  if not cfg:
+    return lj.merge(reparam, theta0, phi)
+  spec = dict(cfg)
+  kind = spec.pop("kind")
+  if kind == "merge_quantize":
+    where = spec.pop("where", ENCODER_KERNELS)
+    return lj.quantize(lj.merge(reparam, theta0, phi), where, **spec)
+  if kind == "qalora_merge":
+    return lj.qalora_merge(reparam.apply(theta0, phi))
+  raise ValueError(f"unknown deploy kind {kind!r}; expected merge_quantize or qalora_merge")

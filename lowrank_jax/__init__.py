@@ -29,7 +29,8 @@ from lowrank_jax.methods.loha import LoHaWeight, loha
 from lowrank_jax.methods.glora import glora, glora_search
 from lowrank_jax.methods.ia3 import ia3
 from lowrank_jax.methods.vera import vera
-from lowrank_jax.methods.adalora import adalora, orthogonal_regularizer, rank_allocator
+from lowrank_jax.methods.adalora import (adalora, orthogonal_regularizer, rank_allocator,
+                                         with_rank_allocator)
 from lowrank_jax.methods.said import intrinsic_said
 
 # quantization
@@ -40,8 +41,8 @@ from lowrank_jax.quant import (Blockwise8, Quant4, QuantizedWeight, affine_encod
 from lowrank_jax.merging import add_weighted_adapter, extract_lora, stack
 
 # optimizers (optax transformations)
-from lowrank_jax.optim import (adamw_8bit, galore_adamw, loraplus, memory_report, offload,
-                               scale_by_galore)
+from lowrank_jax.optim import (adamw_8bit, galore_adamw, loraplus, make_optimizer, memory_report,
+                               offload, scale_by_galore)
 
 from lowrank_jax import checkpoint, nn, ops, sharding, train
 

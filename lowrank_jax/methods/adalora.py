@@ -291,7 +291,9 @@ def rank_allocator(target_r: int = 8, *, total_step: int, tinit: int = 0, tfinal
     zeros = jax.tree.map(jnp.zeros_like, phi)
     keep = jax.tree.map(lambda l: None if l is None else jnp.ones(l["e"].shape, bool), phi,
                         is_leaf=_is_hole_or_leaf)
-    return RankAllocatorState(ipt=zeros, unc=zeros, keep=keep, budget=jnp.asarray(b0, jnp.int32))
+    # two separate zero trees: aliased buffers could not be donated to a jitted step
+    return RankAllocatorState(ipt=zeros, unc=jax.tree.map(jnp.zeros_like, phi), keep=keep,
+                              budget=jnp.asarray(b0, jnp.int32))
 
   def update(state: RankAllocatorState, phi, grads, step):
     b0, bT = _budgets(phi)
