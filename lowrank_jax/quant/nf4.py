@@ -7,6 +7,8 @@ quantization (DQ) stores the absmaxes themselves in 8 bits: with the tensor-wide
 mean ``μ = mean(m)``, the centred ``m - μ`` is encoded by the 8-bit dynamic
 blockwise codec (block 256, :mod:`blockwise`), so ``m_b ≈ c8[q8_b] * M_{b//256} + μ``.
 Bits per parameter: ``4 + 32/64 = 4.5`` plain, ``4 + 8/64 + 32/(64·256) ≈ 4.127`` with DQ.
+IR-QLoRA's information calibration (``icq=True``, :mod:`lowrank_jax.quant.icq`) adds a
+per-block shift ``τ``, stored in 8 bits: ``+ 8/64 + 32/(64·256)``, 4.254 with DQ.
 
 The layout is bitsandbytes' (``quantize_4bit`` / ``dequantize_4bit``), bit for bit:
 row-major flattening, two codes a byte with the *first* element in the high
@@ -161,8 +163,9 @@ class Quant4:
     absmax: float32 ``[ceil(n / block_size)]``, or a :class:`Blockwise8` of
       ``absmax - offset`` when double-quantized.
     offset: float32 scalar ``μ`` (double quantization) or ``None``.
-    shift: optional float32 per-block shift ``τ`` added after decoding (IR-QLoRA's
-      information calibration; ``None`` for plain NF4).
+    shift: optional per-block shift ``τ`` added after decoding (IR-QLoRA's
+      information calibration, :mod:`icq`; ``None`` for plain NF4): a float array
+      ``[num_blocks]`` or its 8-bit :class:`Blockwise8` codes.
     shape, dtype: the encoded tensor's shape and dtype (static).
     block_size: elements per block (power of two).
     quant_type: ``"nf4"`` or ``"fp4"``.
@@ -170,7 +173,7 @@ class Quant4:
   packed: jax.Array
   absmax: Union[jax.Array, Blockwise8]
   offset: Optional[jax.Array]
-  shift: Optional[jax.Array]
+  shift: Optional[Union[jax.Array, Blockwise8]]
   shape: tuple[int, ...]
   dtype: Any
   block_size: int = 64
@@ -180,7 +183,8 @@ class Quant4:
   @classmethod
   def encode(cls, x: jax.Array, block_size: int = 64, double_quant: bool = True,
              quant_type: str = "nf4", dq_block_size: int = 256, name: Optional[str] = None,
-             shift: Optional[jax.Array] = None) -> "Quant4":
+             shift: Optional[jax.Array] = None, icq: bool = False, icq_range: float = 0.1,
+             icq_steps: int = 51, shift_storage: str = "int8") -> "Quant4":
     """Encodes ``x`` (float32/bfloat16/float16, any shape; the last block may be partial).
 
     Args:
@@ -191,7 +195,13 @@ class Quant4:
       dq_block_size: block of the second-level 8-bit codec (bitsandbytes: 256).
       name: leaf path used in error messages.
       shift: optional per-block shift ``τ`` (float32 ``[num_blocks]``) subtracted before
-        and added after decoding (the hook for IR-QLoRA's ICQ; no search for τ is implemented yet).
+        and added after decoding, stored as given.
+      icq: choose ``τ`` by IR-QLoRA's information calibration (:func:`icq.icq_search`:
+        maximise each block's code entropy); excludes ``shift``.
+      icq_range, icq_steps: the ICQ grid ``λ in linspace(-r σ, r σ, 2 steps + 1)``.
+      shift_storage: ICQ's ``τ`` storage: ``"int8"`` (8-bit dynamic blockwise codes, one
+        absmax per ``dq_block_size`` blocks, as IR-QLoRA), ``"float16"`` or ``"float32"``.
+        The block is coded as ``x - τ̂`` with the stored ``τ̂``.
 
     Returns:
       A :class:`Quant4`.
@@ -203,6 +213,14 @@ class Quant4:
     x = jnp.asarray(x)
     flat = x.reshape(-1).astype(jnp.float32)
     n = flat.shape[0]
+    stored_shift = shift
+    if icq:  # IR-QLoRA's ICQ: entropy-maximising per-block shift (lowrank_jax.quant.icq)
+      if shift is not None:
+        raise ValueError(f"{quant_type}: pass either shift= or icq=True, not both")
+      from lowrank_jax.quant import icq as icq_lib
+      stored_shift, shift = icq_lib.icq_shift(flat, block_size, quant_type, icq_range, icq_steps,
+                                              shift_storage, dq_block_size)
+      shift = _no_fma(shift)  # τ̂ = c8[q] * M: keep jit and eager encodes bit-identical
     if shift is not None:
       flat = (_blocked(flat, block_size) - shift[:, None]).reshape(-1)[:n]
     absmax = block_absmax(flat, block_size)
@@ -216,7 +234,7 @@ class Quant4:
       offset = mean_torch_order(absmax)
       stored = Blockwise8.encode(absmax - offset, block_size=check_block_size(
           dq_block_size, "dq_block_size"), rounding="bnb_cpu")
-    return cls(packed=packed, absmax=stored, offset=offset, shift=shift, shape=tuple(x.shape),
+    return cls(packed=packed, absmax=stored, offset=offset, shift=stored_shift, shape=tuple(x.shape),
                dtype=dtype, block_size=block_size, quant_type=quant_type)
 
   # -- checks
@@ -252,6 +270,13 @@ class Quant4:
                        f"with block {self.block_size} needs ({nb},)")
     if self.double_quant:
       self.absmax.validate()
+    if self.shift is not None:
+      sh_shape = (self.shift.size,) if isinstance(self.shift, Blockwise8) else tuple(self.shift.shape)
+      if sh_shape != (nb,):
+        raise ValueError(f"{self.quant_type}: shift has shape {sh_shape} but shape {self.shape} "
+                         f"with block {self.block_size} needs ({nb},)")
+      if isinstance(self.shift, Blockwise8):
+        self.shift.validate()
     if jnp.dtype(self.dtype) not in (jnp.float32, jnp.bfloat16, jnp.float16):
       raise TypeError(f"{self.quant_type}: unsupported dtype {self.dtype}")
 
@@ -262,6 +287,14 @@ class Quant4:
       return _no_fma(self.absmax.decode_float32()) + self.offset
     return self.absmax
 
+  def block_shifts(self) -> Optional[jax.Array]:
+    """float32 shift ``τ`` per block (decoded when stored in 8 bits), or ``None``."""
+    if self.shift is None:
+      return None
+    if isinstance(self.shift, Blockwise8):
+      return self.shift.decode_float32()
+    return self.shift.astype(jnp.float32)
+
   def decode_float32(self) -> jax.Array:
     """float32 values ``c[q] * m_b (+ τ_b)``, shaped like the tensor."""
     self.validate()
@@ -269,7 +302,7 @@ class Quant4:
     vals = jnp.asarray(self.code)[unpack_nibbles(self.packed, n).astype(jnp.int32)]
     out = _blocked(vals, self.block_size) * self.block_scales()[:, None]
     if self.shift is not None:
-      out = out + self.shift[:, None]
+      out = _no_fma(out) + _no_fma(self.block_shifts())[:, None]
     return out.reshape(-1)[:n].reshape(self.shape)
 
   def decode(self, dtype=None, shape: Optional[tuple[int, ...]] = None) -> jax.Array:
@@ -308,18 +341,18 @@ class Quant4:
     matrix whose row length is a multiple of ``block_size``)."""
     from jax.sharding import PartitionSpec as P
     big = P(axis)
-    if self.double_quant:
-      am = Blockwise8(codes=big, absmax=P(), shape=self.absmax.shape, dtype=self.absmax.dtype,
-                      block_size=self.absmax.block_size, rounding=self.absmax.rounding)
-    else:
-      am = big
-    return Quant4(packed=big, absmax=am, offset=None if self.offset is None else P(),
-                  shift=None if self.shift is None else big, shape=self.shape, dtype=self.dtype,
+    def per_block(buf):  # a per-block buffer, plain or 8-bit coded (second-level scales replicated)
+      if isinstance(buf, Blockwise8):
+        return Blockwise8(codes=big, absmax=P(), shape=buf.shape, dtype=buf.dtype,
+                          block_size=buf.block_size, rounding=buf.rounding)
+      return big
+    return Quant4(packed=big, absmax=per_block(self.absmax), offset=None if self.offset is None else P(),
+                  shift=None if self.shift is None else per_block(self.shift), shape=self.shape, dtype=self.dtype,
                   block_size=self.block_size, quant_type=self.quant_type)
 
 
 def nf4_encode(x: jax.Array, block_size: int = 64, double_quant: bool = True, **kw) -> Quant4:
-  """NF4 codes of ``x`` (see :meth:`Quant4.encode`)."""
+  """NF4 codes of ``x`` (see :meth:`Quant4.encode`; ``icq=True`` for IR-QLoRA's ICQ)."""
   return Quant4.encode(x, block_size, double_quant, "nf4", **kw)
 
 
