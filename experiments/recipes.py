@@ -86,7 +86,7 @@ METHODS: dict[str, Callable[..., Any]] = {
   "loftq": _plain("lowrank_jax.loftq"),
   "qalora": _plain("lowrank_jax.qalora"),
   "adapters": _plain("lowrank_jax.methods.adapters.bottleneck_adapters"),
-  "prefix": _plain("lowrank_jax.methods.prefix.prefix_tuning"),
+  "prefix": _plain("lowrank_jax.methods.prefix.prefix_reparam"),
 }
 
 

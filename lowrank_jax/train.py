@@ -113,19 +113,27 @@ def peak_rss_bytes() -> int:
 
 
 class StepTimer:
-  """Median wall time of steps after warm-up (blocks on the step's outputs)."""
+  """Median wall time of steps after warm-up (blocks on the step's outputs).
+
+  With fewer steps than ``warmup + 1``, the median falls back to the steps after the
+  first (which includes compilation); with a single step it is ``nan``.
+  """
 
   def __init__(self, warmup: int = 2):
-    self.warmup, self.times, self._n = warmup, [], 0
+    self.warmup, self.all_times = warmup, []
 
   def time(self, fn, *args):
     t0 = time.perf_counter()
     out = jax.block_until_ready(fn(*args))
-    dt = time.perf_counter() - t0
-    self._n += 1
-    if self._n > self.warmup:
-      self.times.append(dt)
+    self.all_times.append(time.perf_counter() - t0)
     return out
+
+  @property
+  def times(self) -> list[float]:
+    """The timed steps the median is taken over."""
+    if len(self.all_times) > self.warmup:
+      return self.all_times[self.warmup:]
+    return self.all_times[1:]
 
   @property
   def median(self) -> float:

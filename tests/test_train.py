@@ -44,3 +44,17 @@ def test_batches_cover_and_shuffle():
   assert sorted(np.concatenate([b["a"] for b in out]).tolist()) == list(range(10))
   assert all((b["b"] == 2 * b["a"]).all() for b in out)
   assert train.peak_rss_bytes() > 10 * 2**20
+
+
+def test_step_timer_skips_warmup_and_falls_back():
+  timer = train.StepTimer(warmup=2)
+  assert np.isnan(timer.median)
+  fn = lambda x: x + 1
+  timer.time(fn, jnp.zeros(()))
+  assert timer.times == [] and np.isnan(timer.median)
+  timer.time(fn, jnp.zeros(()))
+  assert timer.times == timer.all_times[1:] and timer.median == timer.all_times[1]
+  for _ in range(3):
+    timer.time(fn, jnp.zeros(()))
+  assert len(timer.all_times) == 5 and timer.times == timer.all_times[2:]
+  assert timer.median == float(np.median(timer.all_times[2:]))

@@ -48,7 +48,7 @@ import dataclasses
 import functools
 import json
 import os
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Literal, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -269,7 +269,9 @@ def bert_forward(params: PyTree, config: BertConfig, input_ids: jax.Array,
   """BERT encoder forward pass; returns ``last_hidden_state`` ``[B, T, D]``.
 
   Args:
-    params: the nested parameter dict (may contain lazy weights and adapter subtrees).
+    params: the nested parameter dict (may contain lazy weights, adapter subtrees, and a
+      ``"prefix"`` entry put there by :func:`lowrank_jax.methods.prefix.prefix_reparam`,
+      used when ``prefix`` is not given).
     config: the model's :class:`BertConfig`.
     input_ids: ``[B, T]`` token ids.
     attention_mask: ``[B, T]``, 1 for real tokens, 0 for padding (default: all ones).
@@ -288,6 +290,10 @@ def bert_forward(params: PyTree, config: BertConfig, input_ids: jax.Array,
     raise ValueError("bert_forward(deterministic=False) needs an rng key for dropout")
   if deterministic:
     rng = None
+  if isinstance(params, Mapping) and "prefix" in params:
+    if prefix is None:
+      prefix = list(params["prefix"])
+    params = {k: v for k, v in params.items() if k != "prefix"}
   input_ids = jnp.asarray(input_ids)
   b, t = input_ids.shape
   if attention_mask is None:

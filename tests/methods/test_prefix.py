@@ -110,6 +110,10 @@ def test_reparam_route_and_gradients_reach_only_prefix(setup, mlp):
     np.testing.assert_array_equal(np.asarray(k), np.asarray(k2))
     np.testing.assert_array_equal(np.asarray(v), np.asarray(v2))
   assert pt.split_prefix(theta0["bert"]) == (theta0["bert"], None)
+  # bert_forward reads the prefix from the tree itself: same output as passing it explicitly.
+  np.testing.assert_array_equal(
+      np.asarray(bert.bert_forward(theta["bert"], CFG, ids, mask)),
+      np.asarray(bert.bert_forward(params, CFG, ids, mask, prefix=prefix)))
   # Trainable: the prefix parameters and the head, nothing of the encoder.
   assert lj.count_params(phi[0]) == pt.prefix_param_count(L, P, D, mlp)
   assert [p for p, x in lj.flatten_with_paths(phi[1]) if x is not None] == ["head/bias/w", "head/kernel/w"]

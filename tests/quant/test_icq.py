@@ -16,6 +16,14 @@ from lowrank_jax.quant.icq import (NF4_SIGMA, block_code_entropy, block_median, 
 from lowrank_jax.quant.nf4 import Quant4, nf4_encode
 from lowrank_jax.quant.qlora import QuantizedWeight, dequantize, quantize
 
+# one compile per (shape, options), shared by the tests
+_encode = jax.jit(Quant4.encode, static_argnums=(1, 2, 3),
+                  static_argnames=("icq", "shift_storage", "quant_type"))
+
+
+def _nf4(x, icq=False, **kw):
+  return _encode(x, 64, True, "nf4", icq=icq, **kw)
+
 
 def _dists(shape=(128, 256), seed=0):
   rng = np.random.default_rng(seed)
@@ -100,8 +108,8 @@ def test_search_is_argmax_of_entropy_over_the_grid(dist):
 @pytest.mark.parametrize("dist", ["normal", "shifted", "lognormal", "student_t3"])
 def test_icq_raises_code_entropy(dist):
   x = jnp.asarray(_dists()[dist], jnp.float32)
-  h_plain = float(jnp.mean(code_entropy(nf4_encode(x, 64, True))))
-  h_icq = float(jnp.mean(code_entropy(nf4_encode(x, 64, True, icq=True))))
+  h_plain = float(jnp.mean(code_entropy(_nf4(x))))
+  h_icq = float(jnp.mean(code_entropy(_nf4(x, icq=True))))
   assert h_icq > h_plain + 0.05, (h_plain, h_icq)
 
 
@@ -110,8 +118,8 @@ def test_icq_lowers_error_on_normal_and_shifted_blocks(dist, min_gain):
   # measured (128x256, bs 64, DQ, 8-bit τ): normal mean-abs -0.3%, rel-Frobenius -0.3%;
   # per-row shifted N(0,1): mean-abs -31%, rel-Frobenius -33%
   x = jnp.asarray(_dists()[dist], jnp.float32)
-  mae0, fro0 = _errors(x, nf4_encode(x, 64, True))
-  mae1, fro1 = _errors(x, nf4_encode(x, 64, True, icq=True))
+  mae0, fro0 = _errors(x, _nf4(x))
+  mae1, fro1 = _errors(x, _nf4(x, icq=True))
   assert mae1 < mae0 * (1 - min_gain) and fro1 < fro0 * (1 - min_gain), (mae0, mae1, fro0, fro1)
 
 
@@ -120,7 +128,7 @@ def test_entropy_is_not_the_error():
   # but the relative Frobenius error goes *up* (measured +6%); recorded so that the
   # documentation's claim stays honest
   x = jnp.asarray(_dists()["lognormal"], jnp.float32)
-  q0, q1 = nf4_encode(x, 64, True), nf4_encode(x, 64, True, icq=True)
+  q0, q1 = _nf4(x), _nf4(x, icq=True)
   assert float(jnp.mean(code_entropy(q1))) > float(jnp.mean(code_entropy(q0)))
   assert _errors(x, q1)[1] > _errors(x, q0)[1]
 
@@ -128,59 +136,59 @@ def test_entropy_is_not_the_error():
 def test_storage_and_bits_per_param():
   x = jnp.asarray(_dists((256, 512))["shifted"], jnp.float32)
   n, nb = x.size, x.size // 64
-  q8 = nf4_encode(x, 64, True, icq=True)
+  q8 = _nf4(x, icq=True)
   assert isinstance(q8.shift, Blockwise8) and q8.shift.rounding == "nearest"
   assert q8.shift.codes.shape == (nb,) and q8.shift.absmax.shape == (nb // 256,)
-  plain = nf4_encode(x, 64, True)
+  plain = _nf4(x)
   assert q8.nbytes == plain.nbytes + nb + 4 * (nb // 256)
   assert abs(q8.bits_per_param - (4 + 8 / 64 + 32 / (64 * 256) + 8 / 64 + 32 / (64 * 256) + 32 / n)) < 1e-9
   assert round(q8.bits_per_param, 3) == 4.254
-  q16 = nf4_encode(x, 64, True, icq=True, shift_storage="float16")
+  q16 = _nf4(x, icq=True, shift_storage="float16")
   assert q16.shift.dtype == jnp.float16 and round(q16.bits_per_param, 3) == 4.377
   # the codes are those of x - τ̂ for the stored τ̂: re-encoding with that shift reproduces them
   tau_hat = q8.block_shifts()
-  again = nf4_encode(x, 64, True, shift=tau_hat)
+  again = jax.jit(lambda x, t: nf4_encode(x, 64, True, shift=t))(x, tau_hat)
   np.testing.assert_array_equal(np.asarray(again.packed), np.asarray(q8.packed))
   np.testing.assert_array_equal(np.asarray(again.decode()), np.asarray(q8.decode()))
   # τ̂ is the 8-bit (nearest dynamic code) rounding of the searched τ
-  tau = icq_search(x, 64).tau
+  tau = jax.jit(icq_search, static_argnums=1)(x, 64).tau
   np.testing.assert_array_equal(np.asarray(tau_hat),
                                 np.asarray(Blockwise8.encode(tau, 256, "nearest").decode_float32()))
 
 
-def test_jit_vmap_partial_blocks_and_dtypes():
+def test_jit_equals_eager_partial_blocks_dtypes_vmap():
   rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.standard_normal((37, 91)) + 1.5, jnp.float32)  # partial tail block
+  q, qe = jax.jit(lambda x: icq_encode(x, 64, True))(x), icq_encode(x, 64, True)
+  chex.assert_trees_all_equal(q, qe)
+  np.testing.assert_array_equal(np.asarray(jax.jit(lambda q: q.decode())(q)), np.asarray(qe.decode()))
   for shape, dtype in [((37, 91), jnp.float32), ((3, 64), jnp.bfloat16), ((1000,), jnp.float16)]:
     x = jnp.asarray(rng.standard_normal(shape) + 1.5, dtype)
-    enc = jax.jit(lambda x: icq_encode(x, 64, True))
-    q = enc(x)
-    qe = icq_encode(x, 64, True)
-    chex.assert_trees_all_equal(q, qe)
+    q = _nf4(x, icq=True)
     y = jax.jit(lambda q: q.decode())(q)
     assert y.dtype == x.dtype and y.shape == x.shape
-    np.testing.assert_array_equal(np.asarray(y), np.asarray(qe.decode()))
-    mae0, _ = _errors(x.astype(jnp.float32), nf4_encode(x, 64, True))
+    mae0, _ = _errors(x.astype(jnp.float32), _nf4(x))
     mae1, _ = _errors(x.astype(jnp.float32), q)
     assert mae1 < mae0
   xs = jnp.asarray(rng.standard_normal((2, 4, 64)) + 1.0, jnp.float32)
-  qs = jax.vmap(lambda x: icq_encode(x, 64, False, shift_storage="float32"))(xs)
+  enc = lambda x: icq_encode(x, 64, False, shift_storage="float32")
+  qs = jax.jit(jax.vmap(enc))(xs)
   for i in range(2):
-    np.testing.assert_array_equal(np.asarray(qs.packed[i]),
-                                  np.asarray(icq_encode(xs[i], 64, False, shift_storage="float32").packed))
+    np.testing.assert_array_equal(np.asarray(qs.packed[i]), np.asarray(jax.jit(enc)(xs[i]).packed))
 
 
 def test_fp4_and_errors():
   x = jnp.asarray(_dists((64, 128))["shifted"], jnp.float32)
-  mae0, _ = _errors(x, Quant4.encode(x, 64, True, "fp4"))
-  mae1, _ = _errors(x, Quant4.encode(x, 64, True, "fp4", icq=True))
+  mae0, _ = _errors(x, _encode(x, 64, True, "fp4"))
+  mae1, _ = _errors(x, _encode(x, 64, True, "fp4", icq=True))
   assert mae1 < mae0
   with pytest.raises(ValueError, match="either shift= or icq"):
     nf4_encode(x, 64, icq=True, shift=jnp.zeros((x.size // 64,)))
   with pytest.raises(ValueError, match="shift_storage"):
     nf4_encode(x, 64, icq=True, shift_storage="int4")
-  q = nf4_encode(x, 64, icq=True)
+  q = _encode(x, 64, True, "fp4", icq=True)
   broken = Quant4(packed=q.packed, absmax=q.absmax, offset=q.offset, shift=jnp.zeros((3,)),
-                  shape=q.shape, dtype=q.dtype, block_size=64, quant_type="nf4")
+                  shape=q.shape, dtype=q.dtype, block_size=64, quant_type="fp4")
   with pytest.raises(ValueError, match="shift"):
     broken.decode()
 
