@@ -6,6 +6,8 @@
 Each config runs in its own process (so its peak memory is its own), prints per-epoch
 loss and validation accuracy with a progress bar, and writes ``NAME.json``; the parent
 then writes ``results.json``, ``results.md`` (the table) and ``accuracy_vs_params.png``.
+``--resume`` reuses ``NAME.json`` of a config that already ran with identical settings, so
+a long sweep can be run in parts and tabulated at the end.
 """
 
 from __future__ import annotations
@@ -181,6 +183,8 @@ def main(argv=None) -> int:
   p.add_argument("--max-per-class", type=int, default=None, help="cap examples per class (quick runs)")
   p.add_argument("--inline", action="store_true", help="run configs in this process (no per-config RSS)")
   p.add_argument("--quiet", action="store_true")
+  p.add_argument("--resume", action="store_true",
+                 help="reuse OUT/NAME.json of a config already run with the same settings")
   args = p.parse_args(argv)
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
@@ -192,6 +196,13 @@ def main(argv=None) -> int:
       cfg["epochs"] = args.epochs
     if args.max_per_class is not None:
       cfg.setdefault("data", {})["max_per_class"] = args.max_per_class
+    done = out / f"{cfg['name']}.json"
+    if args.resume and done.exists():
+      prev = json.loads(done.read_text())
+      if prev.get("config") == cfg:
+        print(f"[{cfg['name']}] reusing {done}", flush=True)
+        results.append(prev)
+        continue
     if args.inline:
       results.append(run_one(cfg, out, args.quiet))
       continue

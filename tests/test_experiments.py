@@ -13,9 +13,9 @@ ROOT = pathlib.Path(__file__).parent.parent
 
 
 def test_main_job_small_slice(tmp_path, capsys):
-  rc = docstrings.main(["--configs", str(ROOT / "configs/minilm_frozen.json"),
-                        str(ROOT / "configs/minilm_lora.json"), "--epochs", "1",
-                        "--max-per-class", "8", "--inline", "--quiet", "--out", str(tmp_path)])
+  args = ["--configs", str(ROOT / "configs/minilm_frozen.json"), str(ROOT / "configs/minilm_lora.json"),
+          "--epochs", "1", "--max-per-class", "8", "--inline", "--quiet", "--out", str(tmp_path)]
+  rc = docstrings.main(args)
   assert rc == 0
   results = json.loads((tmp_path / "results.json").read_text())
   assert [r["name"] for r in results] == ["frozen", "lora_r8_qv"]
@@ -29,6 +29,12 @@ def test_main_job_small_slice(tmp_path, capsys):
   assert (tmp_path / "accuracy_vs_params.png").stat().st_size > 10_000
   assert "| lora_r8_qv | 77,578 |" in (tmp_path / "results.md").read_text()
   assert "| method | trainable params |" in capsys.readouterr().out
+  # --resume reuses the per-config results of identical configs instead of retraining
+  stamps = {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.json") if p.name != "results.json"}
+  assert docstrings.main(args + ["--resume"]) == 0
+  assert "reusing" in capsys.readouterr().out
+  assert {p.name: p.stat().st_mtime_ns for p in tmp_path.glob("*.json") if p.name != "results.json"} == stamps
+  assert json.loads((tmp_path / "results.json").read_text()) == results
 
 
 def test_every_config_parses_and_names_a_known_method():
