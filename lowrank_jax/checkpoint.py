@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lowrank_jax import tree as tree_lib
+
 __all__ = ["save", "restore", "read_metadata", "Checkpoint", "FORMAT"]
 
 PyTree = Any
@@ -47,21 +49,9 @@ class Checkpoint(NamedTuple):
   metadata: dict
 
 
-def _key_name(k) -> str:
-  if isinstance(k, jax.tree_util.DictKey):
-    return str(k.key)
-  if isinstance(k, jax.tree_util.GetAttrKey):
-    return str(k.name)
-  if isinstance(k, jax.tree_util.SequenceKey):
-    return str(k.idx)
-  if isinstance(k, jax.tree_util.FlattenedIndexKey):
-    return str(k.key)
-  return str(k)
-
-
 def _items(tree: PyTree) -> list[tuple[tuple[str, ...], Any]]:
   leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-  return [(tuple(_key_name(k) for k in p), x) for p, x in leaves]
+  return [(tuple(tree_lib.key_name(k) for k in p), x) for p, x in leaves]
 
 
 def _nest(items, part: str) -> dict:

@@ -86,6 +86,20 @@ class LazyWeight:
     return self.materialize().astype(dtype)
 
 
+class BaseLazyWeight(LazyWeight):
+  """A lazy weight built on a frozen ``base`` (array or lazy): its shape is the static
+  field ``shape_`` and its dtype the base's. Subclasses add their factors and
+  implement ``materialize()`` / ``matmul(x)``."""
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return self.shape_
+
+  @property
+  def dtype(self):
+    return self.base.dtype
+
+
 def is_lazy(x) -> bool:
   return isinstance(x, LazyWeight)
 

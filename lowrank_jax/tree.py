@@ -65,7 +65,8 @@ class Siblings:
     return f"Siblings({self.where!r}, {self.name!r})"
 
 
-def _key_name(k) -> str:
+def key_name(k) -> str:
+  """The string form of one ``jax.tree_util`` path key (dict key, attribute, index)."""
   if isinstance(k, jax.tree_util.DictKey):
     return str(k.key)
   if isinstance(k, jax.tree_util.GetAttrKey):
@@ -79,7 +80,7 @@ def _key_name(k) -> str:
 
 def path_str(path: Sequence[Any]) -> str:
   """Joins a JAX key path into ``a/b/c``; drops the ``value`` field of NNX variables."""
-  names = [_key_name(k) for k in path]
+  names = [key_name(k) for k in path]
   if names and names[-1] in ("value", "raw_value") and len(path) and isinstance(
       path[-1], (jax.tree_util.GetAttrKey, jax.tree_util.DictKey)):
     names = names[:-1]
@@ -255,3 +256,10 @@ def without_subtree(tree: PyTree, path: str) -> PyTree:
   if name not in node:
     raise ValueError(f"without_subtree: '{path}' is not in the tree")
   return _replace_node(tree, parent, lambda n: {k: v for k, v in n.items() if k != name})
+
+
+def find_nodes(tree: PyTree, types: Union[type, tuple[type, ...]]) -> list:
+  """Every node of ``tree`` that is an instance of ``types`` (e.g. the ``GaLoreState`` s
+  nested inside a chained optax state), outermost first, in tree order."""
+  return [x for x in jax.tree_util.tree_leaves(tree, is_leaf=lambda x: isinstance(x, types))
+          if isinstance(x, types)]

@@ -5,6 +5,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -85,3 +86,16 @@ def test_lazy_weight_through_linen_dense_materializes():
   y_merged = _LinenMLP().apply({"params": lj.merge(reparam, params, phi)}, x)
   y_lazy = _LinenMLP().apply({"params": lj.materialize(reparam.apply(params, phi))}, x)
   np.testing.assert_allclose(y_lazy, y_merged, rtol=1e-6)
+
+
+def test_find_nodes_in_nested_optax_state():
+  params = {"w": jnp.ones((3, 2)), "b": jnp.zeros((2,))}
+  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3),
+                   optax.masked(optax.adam(1e-3), {"w": True, "b": False}))
+  state = tx.init(params)
+  found = lj.tree.find_nodes(state, optax.ScaleByAdamState)
+  assert len(found) == 2 and all(isinstance(s, optax.ScaleByAdamState) for s in found)
+  assert found[0] is state[1][0]
+  assert lj.tree.find_nodes(state, optax.ScaleByScheduleState) == []
+  assert lj.tree.key_name(jax.tree_util.DictKey("a")) == "a"
+  assert lj.tree.key_name(jax.tree_util.SequenceKey(3)) == "3"

@@ -144,7 +144,7 @@ def _sub(p: Mapping[str, Any], x: str) -> dict:
 
 
 @lazy.pytree_dataclass(static=("shape_",))
-class GLoRAWeight(lazy.LazyWeight):
+class GLoRAWeight(lazy.BaseLazyWeight):
   """Lazy ``W0 + W0 ⊙ A + B``; ``a`` and ``b`` are the phi entries of ``A`` and ``B``.
 
   ``x @ W = (x @ W0) ⊙ (1 + A) + x @ B`` without a dense weight when ``A`` is a
@@ -155,14 +155,6 @@ class GLoRAWeight(lazy.LazyWeight):
   a: dict
   b: dict
   shape_: tuple[int, ...]
-
-  @property
-  def shape(self):
-    return self.shape_
-
-  @property
-  def dtype(self):
-    return self.base.dtype
 
   def materialize(self) -> jax.Array:
     w0 = lazy.materialize(self.base)

@@ -33,20 +33,12 @@ __all__ = ["IA3Weight", "ia3", "ia3_method"]
 
 
 @lazy.pytree_dataclass(static=("shape_", "on_input"))
-class IA3Weight(lazy.LazyWeight):
+class IA3Weight(lazy.BaseLazyWeight):
   """Lazy ``W0`` rescaled along its input rows (``on_input``) or its output columns."""
   base: Any
   l: jax.Array
   shape_: tuple[int, ...]
   on_input: bool
-
-  @property
-  def shape(self):
-    return self.shape_
-
-  @property
-  def dtype(self):
-    return self.base.dtype
 
   def materialize(self) -> jax.Array:
     w0 = lazy.materialize(self.base)

@@ -43,7 +43,7 @@ def khatri_rao_factors(b1, a1, b2, a2) -> tuple[jax.Array, jax.Array]:
 
 
 @lazy.pytree_dataclass(static=("scale", "shape_"))
-class LoHaWeight(lazy.LazyWeight):
+class LoHaWeight(lazy.BaseLazyWeight):
   """Lazy ``W0 + scale · (w1_b w1_a) ⊙ (w2_b w2_a)``."""
   base: Any
   w1_a: jax.Array
@@ -52,14 +52,6 @@ class LoHaWeight(lazy.LazyWeight):
   w2_b: jax.Array
   scale: float
   shape_: tuple[int, ...]
-
-  @property
-  def shape(self):
-    return self.shape_
-
-  @property
-  def dtype(self):
-    return self.base.dtype
 
   def delta(self) -> jax.Array:
     return self.scale * ((self.w1_b @ self.w1_a) * (self.w2_b @ self.w2_a))

@@ -89,21 +89,13 @@ def _product(factors: Sequence[jax.Array]) -> jax.Array:
 
 
 @lazy.pytree_dataclass(static=("scale", "shape_"))
-class KronWeight(lazy.LazyWeight):
+class KronWeight(lazy.BaseLazyWeight):
   """Lazy ``W0 + scale · W1 ⊗ W2``; ``W1 = prod(w1)``, ``W2 = prod(w2)`` (1 or 2 factors each)."""
   base: Any
   w1: tuple
   w2: tuple
   scale: float
   shape_: tuple[int, ...]
-
-  @property
-  def shape(self):
-    return self.shape_
-
-  @property
-  def dtype(self):
-    return self.base.dtype
 
   def delta(self) -> jax.Array:
     return self.scale * jnp.kron(_product(self.w1), _product(self.w2))

@@ -29,7 +29,7 @@ Init = Literal["kaiming", "gaussian", "pissa", "olora", "zeros"]
 
 
 @lazy.pytree_dataclass(static=("scale", "shape_", "dropout_rate"))
-class LoRAWeight(lazy.LazyWeight):
+class LoRAWeight(lazy.BaseLazyWeight):
   """Lazy ``W0 + scale * a @ b``; ``base`` may itself be lazy (e.g. NF4-coded).
 
   ``x @ W`` is computed as ``x @ W0 + scale * (drop(x) @ a) @ b``: the dense update
@@ -42,14 +42,6 @@ class LoRAWeight(lazy.LazyWeight):
   scale: float
   shape_: tuple[int, ...]
   dropout_rate: float = 0.0
-
-  @property
-  def shape(self):
-    return self.shape_
-
-  @property
-  def dtype(self):
-    return self.base.dtype
 
   def delta(self) -> jax.Array:
     return (self.scale * (self.a @ self.b)).reshape(self.shape_)

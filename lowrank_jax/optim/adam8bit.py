@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lowrank_jax import tree as tree_lib
 from lowrank_jax.quant.blockwise import Blockwise8
 
 PyTree = Any
@@ -126,22 +127,5 @@ def adamw_8bit(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float
 def moment_bytes(state: PyTree) -> int:
   """Bytes held by the moments of every :class:`ScaleByAdam8bitState` (or optax
   ``ScaleByAdamState``) found in an optimizer state."""
-  total = 0
-
-  def visit(s):
-    nonlocal total
-    if isinstance(s, (ScaleByAdam8bitState, optax.ScaleByAdamState)):
-      total += sum(int(np.prod(l.shape)) * jnp.dtype(l.dtype).itemsize
-                   for l in jax.tree.leaves((s.mu, s.nu)))
-      return
-    if isinstance(s, (tuple, list)):
-      for c in s:
-        visit(c)
-    elif isinstance(s, dict):
-      for c in s.values():
-        visit(c)
-    elif hasattr(s, "_fields"):
-      for c in s:
-        visit(c)
-  visit(state)
-  return total
+  states = tree_lib.find_nodes(state, (ScaleByAdam8bitState, optax.ScaleByAdamState))
+  return sum(tree_lib.count_bytes((s.mu, s.nu)) for s in states)

@@ -412,19 +412,7 @@ def galore_adamw(learning_rate: optax.ScalarOrSchedule, rank: int = 128, *,
 
 def galore_state_bytes(state: PyTree) -> dict[str, int]:
   """Bytes of a GaLore state split into ``projector``, ``inner`` and ``total``."""
-  found = []
-
-  def visit(s):
-    if isinstance(s, GaLoreState):
-      found.append(s)
-      return
-    if isinstance(s, (tuple, list)):
-      for c in s:
-        visit(c)
-    elif isinstance(s, dict):
-      for c in s.values():
-        visit(c)
-  visit(state)
+  found = tree_lib.find_nodes(state, GaLoreState)
   proj = sum(tree_lib.count_bytes(s.projector) for s in found)
   total = tree_lib.count_bytes(state)
   return {"projector": proj, "inner": total - proj, "total": total}
