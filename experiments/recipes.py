@@ -2,11 +2,14 @@
 library. Every method also trains the classifier head in full.
 
 Config ``method``: ``{"kind": KIND, ...}``, KIND a key of :data:`METHODS`; the other keys go
-to the method's constructor (``where``, ``rank``, ``alpha``...). Config ``optimizer``:
+to the method's constructor (``where``, ``rank``, ``alpha``...), except ``quant``, which
+first stores the frozen base by a codec (``{"where": ..., "codec": "nf4" | "int4_affine" |
+..., ...}``, the keywords of :func:`lowrank_jax.quantize`; ``qlora`` defaults to NF4 + DQ). Config ``optimizer``:
 ``{"kind": "adamw" | "adamw_8bit" | "galore_adamw", "lr": ..., ...}``. Optional config
 ``deploy``: how the trained model is deployed before the extra test evaluation:
 ``{"kind": "merge_quantize", "codec": "int4_affine", ...}`` (merge, then quantize) or
-``{"kind": "qalora_merge"}`` (QA-LoRA's merge that stays int4).
+``{"kind": "qalora_merge"}`` (QA-LoRA's merge that stays int4) or ``{"kind": "l4q_merge"}``
+(L4Q's int codes of the merged weight, equal to its training forward).
 """
 
 from __future__ import annotations
@@ -35,12 +38,23 @@ def _identity(tx):
   return tx
 
 
-def _plain(fn_path: str) -> Callable:
-  """A method constructor ``fn(**kw) -> Reparam`` from the library, by dotted path."""
+def _quantized(theta0, quant: Optional[dict]):
+  """``theta0`` with ``quant["where"]`` (default: the encoder kernels) stored by a codec
+  (:func:`lowrank_jax.quantize`; ``quant`` holds its keyword arguments)."""
+  if quant is None:
+    return theta0
+  quant = dict(quant)
+  return lj.quantize(theta0, quant.pop("where", ENCODER_KERNELS), **quant)
+
+
+def _plain(fn_path: str, default_quant: Optional[dict] = None) -> Callable:
+  """A method constructor ``fn(**kw) -> Reparam`` from the library, by dotted path; the
+  config key ``quant`` (or ``default_quant``) first quantizes the frozen base."""
   module, name = fn_path.rsplit(".", 1)
 
-  def build(theta0, total_steps, **kw):
-    return theta0, getattr(importlib.import_module(module), name)(**kw), None, _identity
+  def build(theta0, total_steps, quant: Optional[dict] = default_quant, **kw):
+    method = getattr(importlib.import_module(module), name)(**kw)
+    return _quantized(theta0, quant), method, None, _identity
   return build
 
 
@@ -50,12 +64,6 @@ def _frozen(theta0, total_steps):
 
 def _full(theta0, total_steps, where=r"^(bert|head)/"):
   return theta0, lj.full(where), None, _identity
-
-
-def _qlora(theta0, total_steps, quant: Optional[dict] = None, **lora_kw):
-  quant = dict(quant or {})
-  where = quant.pop("where", ENCODER_KERNELS)
-  return lj.quantize(theta0, where, **quant), lj.lora(**lora_kw), None, _identity
 
 
 def _adalora(theta0, total_steps, target_r: int = 4, orth_reg_weight: float = 0.5,
@@ -74,7 +82,8 @@ METHODS: dict[str, Callable[..., Any]] = {
   "frozen": _frozen,
   "full": _full,
   "lora": _plain("lowrank_jax.lora"),
-  "qlora": _qlora,
+  "qlora": _plain("lowrank_jax.lora", default_quant={"codec": "nf4", "block_size": 64,
+                                                    "double_quant": True}),
   "dora": _plain("lowrank_jax.dora"),
   "lokr": _plain("lowrank_jax.lokr"),
   "loha": _plain("lowrank_jax.loha"),
@@ -85,6 +94,7 @@ METHODS: dict[str, Callable[..., Any]] = {
   "said": _plain("lowrank_jax.intrinsic_said"),
   "loftq": _plain("lowrank_jax.loftq"),
   "qalora": _plain("lowrank_jax.qalora"),
+  "l4q": _plain("lowrank_jax.l4q"),
   "adapters": _plain("lowrank_jax.methods.adapters.bottleneck_adapters"),
   "prefix": _plain("lowrank_jax.methods.prefix.prefix_reparam"),
 }
@@ -129,4 +139,6 @@ def deploy(cfg: Optional[dict], reparam: lj.Reparam, theta0, phi):
     return lj.quantize(lj.merge(reparam, theta0, phi), where, **spec)
   if kind == "qalora_merge":
     return lj.qalora_merge(reparam.apply(theta0, phi))
-  raise ValueError(f"unknown deploy kind {kind!r}; expected merge_quantize or qalora_merge")
+  if kind == "l4q_merge":
+    return lj.l4q_merge(reparam.apply(theta0, phi))
+  raise ValueError(f"unknown deploy kind {kind!r}; expected merge_quantize, qalora_merge or l4q_merge")

@@ -9,7 +9,7 @@ A method is a pair of pure functions, as an optax transformation is::
     merged = lj.merge(reparam, theta0, phi)
 
 Sub-packages: ``methods`` (one module per method), ``quant`` (codecs, QLoRA, LoftQ,
-QA-LoRA), ``optim`` (GaLore, 8-bit Adam, offload, LoRA+, memory report), ``models``
+QA-LoRA, L4Q, IR-QLoRA ICQ), ``optim`` (GaLore, 8-bit Adam, offload, LoRA+, memory report), ``models``
 (BERT/MiniLM, Llama), ``data``, ``interop`` (HF safetensors, PEFT adapter folders).
 """
 
@@ -32,10 +32,13 @@ from lowrank_jax.methods.vera import vera
 from lowrank_jax.methods.adalora import (adalora, orthogonal_regularizer, rank_allocator,
                                          with_rank_allocator)
 from lowrank_jax.methods.said import intrinsic_said
+from lowrank_jax.methods.adapters import bottleneck_adapters
+from lowrank_jax.methods.prefix import prefix_reparam, prefix_tuning
 
 # quantization
 from lowrank_jax.quant import (Blockwise8, Quant4, QuantizedWeight, affine_encode, dequantize, fp4_encode,
-                               loftq, nf4_encode, qalora, qalora_merge, quantize)
+                               icq_encode, l4q, l4q_merge, loftq, nf4_encode, qalora, qalora_merge,
+                               quantize)
 
 # composition, merging, extraction
 from lowrank_jax.merging import add_weighted_adapter, extract_lora, stack
