@@ -32,28 +32,67 @@ def _atomic_write(path: pathlib.Path, text: str) -> None:
   os.replace(tmp, path)
 
 
+def evaluate_split(logits_fn, split: dict, batch_size: int) -> tuple[float, float]:
+  """(accuracy, mean cross-entropy) of ``logits_fn(batch)`` over a whole split; the last
+  batch is padded to ``batch_size`` so that a jitted ``logits_fn`` compiles once."""
+  from lowrank_jax import train
+  correct, loss_sum, n = 0, 0.0, 0
+  for b in train.batches(split, batch_size, drop_last=False):
+    m = len(b["labels"])
+    padded = {k: np.concatenate([v, np.repeat(v[-1:], batch_size - m, 0)]) for k, v in b.items()}
+    logits = np.asarray(logits_fn(padded), np.float64)[:m]
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    correct += int((logits.argmax(-1) == b["labels"]).sum())
+    loss_sum -= float(logp[np.arange(m), b["labels"]].sum())
+    n += m
+  return correct / n, loss_sum / n
+
+
+def load_problem(cfg: dict):
+  """``(task, bert_config, theta0, (k_method, k_train))``: the docstring task at the config's
+  ``max_len`` / ``data``, MiniLM with a fresh classifier head (keys from ``seed``)."""
+  import jax
+  from lowrank_jax.data import docstrings
+  from lowrank_jax.models import bert
+  task = docstrings.load_docstring_task(max_len=cfg.get("max_len", 64), **cfg.get("data", {}))
+  config, bert_params = bert.load_minilm()
+  k_head, k_method, k_train = jax.random.split(jax.random.key(cfg.get("seed", 0)), 3)
+  theta0 = {"bert": bert_params,
+            "head": bert.init_classifier(k_head, config.hidden_size, len(task.label_names))}
+  return task, config, theta0, (k_method, k_train)
+
+
+def model_fns(cfg: dict, config):
+  """``(loss_fn(theta, batch, rng), logits_fn(theta, batch))`` of the classifier, with the
+  config's ``pooling`` and ``dropout`` (dropout is on when ``rng`` is given)."""
+  from lowrank_jax import train
+  from lowrank_jax.models import bert
+  pooling, dropout = cfg.get("pooling", "mean"), cfg.get("dropout", 0.1)
+
+  def logits_fn(theta, batch, rng=None):
+    h = bert.bert_forward(theta["bert"], config, batch["input_ids"], batch["attention_mask"],
+                          deterministic=rng is None or dropout == 0.0, rng=rng)
+    return bert.classifier_logits(theta["head"], h, batch["attention_mask"], pooling)
+
+  def loss_fn(theta, batch, rng):
+    return train.softmax_cross_entropy(logits_fn(theta, batch, rng), batch["labels"])
+  return loss_fn, logits_fn
+
+
 def run_one(cfg: dict, out_dir: pathlib.Path, quiet: bool = False) -> dict:
   """Trains one configuration in this process and returns its metrics."""
   import jax
-  import jax.numpy as jnp
   from tqdm import tqdm
 
   import lowrank_jax as lj
   from lowrank_jax import train
-  from lowrank_jax.data import docstrings
-  from lowrank_jax.models import bert
   from lowrank_jax.optim import memory
   from experiments import recipes
 
   seed = cfg.get("seed", 0)
-  max_len = cfg.get("max_len", 64)
-  task = docstrings.load_docstring_task(max_len=max_len, **cfg.get("data", {}))
+  task, config, theta0, (k_method, k_train) = load_problem(cfg)
   splits, label_names = task.splits, task.label_names
-  config, bert_params = bert.load_minilm()
-  key = jax.random.key(seed)
-  k_head, k_method, k_train = jax.random.split(key, 3)
-  theta0 = {"bert": bert_params,
-            "head": bert.init_classifier(k_head, config.hidden_size, len(label_names))}
   n_total = lj.count_params(theta0)
   bs = cfg.get("batch_size", 32)
   epochs = cfg.get("epochs", 3)
@@ -61,14 +100,7 @@ def run_one(cfg: dict, out_dir: pathlib.Path, quiet: bool = False) -> dict:
   total_steps = epochs * steps_per_epoch
   setup = recipes.build(cfg["method"], theta0, k_method, total_steps)
   theta0, reparam, phi = setup.theta0, setup.reparam, setup.phi
-  pooling = cfg.get("pooling", "mean")
-  dropout = cfg.get("dropout", 0.1)
-
-  def loss_fn(theta, batch, rng):
-    h = bert.bert_forward(theta["bert"], config, batch["input_ids"], batch["attention_mask"],
-                          deterministic=rng is None or dropout == 0.0, rng=rng)
-    logits = bert.classifier_logits(theta["head"], h, batch["attention_mask"], pooling)
-    return train.softmax_cross_entropy(logits, batch["labels"])
+  loss_fn, logits_fn = model_fns(cfg, config)
 
   optimizer = setup.wrap_optimizer(recipes.build_optimizer(cfg.get("optimizer", {}), total_steps))
   opt_state = optimizer.init(phi)
@@ -79,27 +111,13 @@ def run_one(cfg: dict, out_dir: pathlib.Path, quiet: bool = False) -> dict:
   if not quiet:
     print(f"[{cfg['name']}] {lj.count_params(phi):,} trainable of {n_total:,} parameters\n{mem}", flush=True)
 
-  @jax.jit
-  def predict_theta(theta, batch):
-    h = bert.bert_forward(theta["bert"], config, batch["input_ids"], batch["attention_mask"])
-    return bert.classifier_logits(theta["head"], h, batch["attention_mask"], pooling)
+  predict_theta = jax.jit(logits_fn)
 
   def predict(phi, theta0, batch):
     return predict_theta(reparam.apply(theta0, phi), batch)
 
   def evaluate(split, predict=predict):
-    """(accuracy, mean loss) over the whole split; the last batch is padded to ``bs``."""
-    correct, loss_sum, n = 0, 0.0, 0
-    for b in train.batches(splits[split], bs, drop_last=False):
-      m = len(b["labels"])
-      padded = {k: np.concatenate([v, np.repeat(v[-1:], bs - m, 0)]) for k, v in b.items()}
-      logits = np.asarray(predict(phi, theta0, padded), np.float64)[:m]
-      logp = logits - logits.max(-1, keepdims=True)
-      logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
-      correct += int((logits.argmax(-1) == b["labels"]).sum())
-      loss_sum -= float(logp[np.arange(m), b["labels"]].sum())
-      n += m
-    return correct / n, loss_sum / n
+    return evaluate_split(lambda b: predict(phi, theta0, b), splits[split], bs)
 
   rng = np.random.default_rng(seed)
   timer = train.StepTimer(warmup=3)

@@ -66,6 +66,16 @@ def _full(theta0, total_steps, where=r"^(bert|head)/"):
   return theta0, lj.full(where), None, _identity
 
 
+def _glora(theta0, total_steps, config=None, **kw):
+  """GLoRA; ``config`` may map paths to JSON lists of choice names ``[A, B, C, D, E]``."""
+  from lowrank_jax.methods.glora import LayerConfig
+  if isinstance(config, dict):
+    config = {p: LayerConfig(*c) for p, c in config.items()}
+  elif isinstance(config, (list, tuple)):
+    config = LayerConfig(*config)
+  return theta0, lj.glora(**kw, **({} if config is None else {"config": config})), None, _identity
+
+
 def _adalora(theta0, total_steps, target_r: int = 4, orth_reg_weight: float = 0.5,
              tinit_frac: float = 0.1, tfinal_frac: float = 0.2, deltaT: int = 5, **kw):
   from lowrank_jax.methods import adalora as ad
@@ -89,7 +99,7 @@ METHODS: dict[str, Callable[..., Any]] = {
   "loha": _plain("lowrank_jax.loha"),
   "vera": _plain("lowrank_jax.vera"),
   "ia3": _plain("lowrank_jax.ia3"),
-  "glora": _plain("lowrank_jax.glora"),
+  "glora": _glora,
   "adalora": _adalora,
   "said": _plain("lowrank_jax.intrinsic_said"),
   "loftq": _plain("lowrank_jax.loftq"),
