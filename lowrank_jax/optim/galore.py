@@ -97,7 +97,7 @@ def _leaf_specs(tree, where, in_ndim, rank, proj_type) -> list[Optional[_Spec]]:
   if where is None:
     flags = [getattr(x, "ndim", 0) >= 2 and (in_ndim is not None or x.ndim == 2) for _, x in items]
   else:
-    flags = jax.tree_util.tree_leaves(tree_lib.select(tree, where, allow_empty=True))
+    flags = jax.tree_util.tree_leaves(tree_lib.select(tree, where, allow_empty=False))
   specs = []
   for (path, x), m in zip(items, flags):
     if not m:

@@ -255,3 +255,10 @@ def test_sharded_params_and_grads(axis_type):
     p_ref, s_ref = ref_step(p_ref, s_ref, g)
   chex.assert_trees_all_close(jax.device_get(p_sh), p_ref, atol=1e-5)
   assert p_sh["w"].sharding.spec == specs["w"] or len(p_sh["w"].sharding.device_set) == n
+
+
+def test_where_that_matches_nothing_raises_with_the_paths():
+  params = {"enc": {"kernel": {"w": jnp.ones((8, 4))}}, "bias": jnp.zeros((4,))}
+  tx = gl.galore_adamw(1e-3, rank=2, where=r"enc/kernel$")
+  with pytest.raises(ValueError, match="enc/kernel/w"):
+    tx.init(params)
