@@ -30,19 +30,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import numpy as np
 
+from bench import median_time
 
-def _median_time(fn, steps: int, warmup: int = 2) -> float:
-  times = []
-  for i in range(warmup + steps):
-    t0 = time.perf_counter()
-    fn()
-    if i >= warmup:
-      times.append(time.perf_counter() - t0)
-  return float(np.median(times))
+
 
 
 HEADER = (f"{'optimizer':<30}{'state bytes':>14}{'x AdamW':>9}{'step s':>9}{'opt s':>9}"
@@ -127,8 +120,8 @@ def jax_figures(args) -> list[dict]:
       holder["s"] = s2
       jax.block_until_ready(l)
 
-    t_step = _median_time(normal, args.steps)
-    t_opt = _median_time(lambda: jax.block_until_ready(opt_only(grads, holder["s"], holder["p"])),
+    t_step = median_time(normal, args.steps)
+    t_opt = median_time(lambda: jax.block_until_ready(opt_only(grads, holder["s"], holder["p"])),
                          args.steps)
     t_ref = None
     if is_galore:
@@ -137,7 +130,7 @@ def jax_figures(args) -> list[dict]:
         _, s2, l = step(holder["p"], s_r)
         jax.block_until_ready(l)
       # the refresh branch is part of the compiled step (lax.cond): no extra warm-up
-      t_ref = _median_time(refresh, max(2, args.steps // 3), warmup=0)
+      t_ref = median_time(refresh, max(2, args.steps // 3), warmup=0)
     amort = (t_ref + (gap - 1) * t_step) / gap if t_ref else t_step
     rows.append(dict(name=name, bytes=nbytes, ratio=nbytes / adam_bytes, step=t_step, opt=t_opt,
                      refresh=t_ref, amortized=amort))
@@ -187,9 +180,9 @@ def torch_figures(args) -> list[dict]:
       opt.step()
 
     full()  # step 0 (refresh for GaLore)
-    t_step = _median_time(full, args.steps)
+    t_step = median_time(full, args.steps)
     fwd_bwd()
-    t_opt = _median_time(opt.step, args.steps)
+    t_opt = median_time(opt.step, args.steps)
     t_ref = None
     if "galore" in name:
       def refresh():
@@ -197,7 +190,7 @@ def torch_figures(args) -> list[dict]:
           if "step" in st:
             st["step"] = gap
         full()
-      t_ref = _median_time(refresh, max(2, args.steps // 3), warmup=0)
+      t_ref = median_time(refresh, max(2, args.steps // 3), warmup=0)
     nbytes = 0
     for st in opt.state.values():
       for k, v in st.items():

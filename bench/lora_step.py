@@ -18,17 +18,11 @@ import time
 
 import numpy as np
 
+from bench import median_time
+
 B, T, N_CLASSES = 32, 64, 3
 
 
-def _median_time(fn, steps: int, warmup: int = 2) -> float:
-  times = []
-  for i in range(warmup + steps):
-    t0 = time.perf_counter()
-    fn()
-    if i >= warmup:
-      times.append(time.perf_counter() - t0)
-  return float(np.median(times))
 
 
 def jax_figures(ids: np.ndarray, labels: np.ndarray, dropout: float, steps: int) -> dict:
@@ -79,14 +73,14 @@ def jax_figures(ids: np.ndarray, labels: np.ndarray, dropout: float, steps: int)
       jax.block_until_ready(m)
       holder[0], holder[1] = p, s
 
-    out[name] = (_median_time(run, steps), lj.count_params(phi), first)
+    out[name] = (median_time(run, steps), lj.count_params(phi), first)
 
   fwd = jax.jit(lambda t, b: bert.classifier_logits(t["head"], bert.bert_forward(
       t["bert"], config, b["input_ids"], b["attention_mask"])))
   t0 = time.perf_counter()
   jax.block_until_ready(fwd(theta0, batch))
   first = time.perf_counter() - t0
-  out["frozen forward"] = (_median_time(lambda: jax.block_until_ready(fwd(theta0, batch)), steps), 0, first)
+  out["frozen forward"] = (median_time(lambda: jax.block_until_ready(fwd(theta0, batch)), steps), 0, first)
   return out
 
 
@@ -133,10 +127,10 @@ def torch_figures(ids: np.ndarray, labels: np.ndarray, dropout: float, steps: in
     t0 = time.perf_counter()
     run()
     first = time.perf_counter() - t0
-    out[name] = (_median_time(run, steps), sum(p.numel() for p in params), first)
+    out[name] = (median_time(run, steps), sum(p.numel() for p in params), first)
   model = Classifier().eval()
   with torch.no_grad():
-    out["torch frozen forward"] = (_median_time(lambda: model(x), steps), 0, 0.0)
+    out["torch frozen forward"] = (median_time(lambda: model(x), steps), 0, 0.0)
   return out
 
 

@@ -14,19 +14,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import numpy as np
 
+from bench import median_time
 
-def _median(fn, reps: int, warmup: int = 2) -> float:
-  ts = []
-  for i in range(warmup + reps):
-    t0 = time.perf_counter()
-    fn()
-    if i >= warmup:
-      ts.append(time.perf_counter() - t0)
-  return float(np.median(ts))
+
 
 
 def main(argv=None) -> None:
@@ -51,8 +44,8 @@ def main(argv=None) -> None:
   q = enc(x)
   jax.block_until_ready(q)
   rows = []
-  t_enc = _median(lambda: jax.block_until_ready(enc(x)), args.reps)
-  t_dec = _median(lambda: jax.block_until_ready(dec(q)), args.reps)
+  t_enc = median_time(lambda: jax.block_until_ready(enc(x)), args.reps)
+  t_dec = median_time(lambda: jax.block_until_ready(dec(q)), args.reps)
   err = float(jnp.mean(jnp.abs(dec(q) - x)))
   rows.append(("lowrank_jax (JAX, jit)", t_enc, t_dec, q.bits_per_param, err))
 
@@ -67,9 +60,9 @@ def main(argv=None) -> None:
       torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
       xt = torch.from_numpy(x_np)
       packed, state = F.quantize_4bit(xt, blocksize=args.block, compress_statistics=dq, quant_type="nf4")
-      tb_enc = _median(lambda: F.quantize_4bit(xt, blocksize=args.block, compress_statistics=dq,
+      tb_enc = median_time(lambda: F.quantize_4bit(xt, blocksize=args.block, compress_statistics=dq,
                                                 quant_type="nf4"), args.reps)
-      tb_dec = _median(lambda: F.dequantize_4bit(packed, state), args.reps)
+      tb_dec = median_time(lambda: F.dequantize_4bit(packed, state), args.reps)
       ref = F.dequantize_4bit(packed, state)
       bnb_bytes = packed.numel() + sum(t.numel() * t.element_size() for t in
                                        ([state.absmax] + ([state.state2.absmax] if dq else [])))

@@ -186,11 +186,17 @@ def plot(results: list[dict], path: pathlib.Path) -> None:
   ax.set_ylabel("test accuracy (%)")
   ax.set_title("MiniLM-L6 on stdlib docstrings: accuracy vs trainable parameters")
   ax.grid(alpha=0.3)
+  save_figure(fig, path)
+
+
+def save_figure(fig, path: pathlib.Path) -> None:
+  """Writes a matplotlib figure as PNG atomically (temp name, then rename) and closes it."""
+  import matplotlib.pyplot as plt
   fig.tight_layout()
   tmp = path.with_name(f".{path.stem}.tmp.png")
   fig.savefig(tmp, dpi=120)
-  os.replace(tmp, path)
   plt.close(fig)
+  os.replace(tmp, path)
 
 
 def main(argv=None) -> int:

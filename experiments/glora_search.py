@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import sys
 import time
@@ -38,7 +37,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from experiments.docstrings import _atomic_write, evaluate_split, load_problem, model_fns, run_one
+from experiments.docstrings import (_atomic_write, evaluate_split, load_problem, model_fns, run_one,
+                                   save_figure)
 
 WHERE = "(query|value)/kernel"
 # the main job's settings (configs/minilm_lora.json), 3 epochs
@@ -247,11 +247,7 @@ def plot(history: Sequence[float], final: float, path: pathlib.Path) -> None:
   ax.set_ylabel("best validation accuracy (%)")
   ax.set_title("GLoRA evolutionary search (MiniLM, docstrings)")
   ax.grid(alpha=0.3)
-  fig.tight_layout()
-  tmp = path.with_name(f".{path.stem}.tmp.png")
-  fig.savefig(tmp, dpi=120)
-  plt.close(fig)
-  os.replace(tmp, path)
+  save_figure(fig, path)
 
 
 def write(out: dict, folder: pathlib.Path) -> None:
