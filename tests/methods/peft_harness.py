@@ -101,6 +101,22 @@ def forward(theta, x):
   return lj.dot(x, theta["lin"]["kernel"]) + theta["lin"]["bias"]
 
 
+def peft_linear(config, d_in: int = 64, d_out: int = 48):
+  """peft's model around one ``torch.nn.Linear(d_in, d_out)`` named ``lin`` (the layer
+  of the golden single-layer files); ``config`` is a peft config targeting ``lin``."""
+  import peft
+  import torch
+
+  class M(torch.nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.lin = torch.nn.Linear(d_in, d_out)
+
+    def forward(self, x):
+      return self.lin(x)
+  return peft.get_peft_model(M(), config)
+
+
 def check_against_peft(name: str, reparam: lj.Reparam, spec: Mapping[str, str], *,
                        lazy_type: Optional[type] = None, atol: float = 1e-5, rtol: float = 1e-4,
                        check_unmerge: bool = True, override: Optional[Mapping[str, np.ndarray]] = None):

@@ -12,6 +12,7 @@ from hypothesis import given, settings, strategies as st
 import lowrank_jax as lj
 from lowrank_jax.methods import adalora as ad
 from tests.conftest import load_golden
+from tests.methods.peft_harness import peft_linear
 
 PFX = "param/base_model.model.lin."
 GPFX = "grad/base_model.model.lin."
@@ -69,17 +70,9 @@ def test_peft_itself_agrees():
   peft = pytest.importorskip("peft")
   g, cfg, theta0, phi = _golden()
 
-  class M(torch.nn.Module):
-    def __init__(self):
-      super().__init__()
-      self.lin = torch.nn.Linear(64, 48)
-
-    def forward(self, x):
-      return self.lin(x)
-
-  pm = peft.get_peft_model(M(), peft.AdaLoraConfig(init_r=cfg["init_r"], target_r=cfg["target_r"],
-                                                   lora_alpha=cfg["lora_alpha"], total_step=100,
-                                                   target_modules=["lin"]))
+  pm = peft_linear(peft.AdaLoraConfig(init_r=cfg["init_r"], target_r=cfg["target_r"],
+                                      lora_alpha=cfg["lora_alpha"], total_step=100,
+                                      target_modules=["lin"]))
   pm.load_state_dict({k[len("param/"):]: torch.tensor(v) for k, v in g.items()
                       if k.startswith("param/") and "ranknum" not in k}, strict=False)
   y_peft = pm(torch.tensor(g["x"])).detach().numpy()

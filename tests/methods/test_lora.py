@@ -11,6 +11,7 @@ from hypothesis import Phase, given, settings, strategies as st
 
 import lowrank_jax as lj
 from tests.conftest import load_golden
+from tests.methods.peft_harness import peft_linear
 
 PFX = "param/base_model.model.lin."
 
@@ -81,16 +82,8 @@ def test_peft_itself_agrees(name):
   g, meta, theta0, phi = _golden_layer(name)
   cfg = meta["config"]
 
-  class M(torch.nn.Module):
-    def __init__(self):
-      super().__init__()
-      self.lin = torch.nn.Linear(64, 48)
-
-    def forward(self, x):
-      return self.lin(x)
-
-  pm = peft.get_peft_model(M(), peft.LoraConfig(r=cfg["r"], lora_alpha=cfg["lora_alpha"],
-                                                use_rslora=cfg["use_rslora"], target_modules=["lin"]))
+  pm = peft_linear(peft.LoraConfig(r=cfg["r"], lora_alpha=cfg["lora_alpha"],
+                                   use_rslora=cfg["use_rslora"], target_modules=["lin"]))
   pm.load_state_dict({k[len("param/"):]: torch.tensor(v) for k, v in g.items() if k.startswith("param/")},
                      strict=False)
   y_peft = pm(torch.tensor(g["x"])).detach().numpy()
