@@ -21,8 +21,11 @@ is trained with ``z``; as in the paper the total budget ``d`` counts them, so ``
 
 Cost: each ``P_i`` is two fast Walsh-Hadamard transforms, ``O(D log D)`` time and
 ``O(D)`` memory; the dense ``D × d`` matrix is never formed. The random ``B, Π, G`` are
-regenerated inside :func:`apply` from the static ``seed`` (``O(D)`` work per call,
-nothing extra stored in ``phi`` or the optimizer state).
+regenerated inside :func:`apply` from the static ``seed`` (nothing extra stored in ``phi``
+or the optimizer state) by a counter-based hash of the entry index, elementwise and
+``O(D)``: ``Π`` is a keyed pseudo-random bijection of ``[0, L)`` (four rounds of
+add-multiply-xorshift on ``log2 L`` bits), not a uniformly drawn permutation, which would
+need an ``O(L log L)`` sort every step (that sort made a SAID step 13x a LoRA step).
 
 Differences from the reference code:
 
@@ -86,27 +89,67 @@ def _padded_size(d_out: int) -> int:
   return 1 << max(0, math.ceil(math.log2(d_out))) if d_out > 1 else 1
 
 
+def _hash32(x: jax.Array) -> jax.Array:
+  """``lowbias32`` integer finaliser (C. Wellons): a bijection of uint32 with full avalanche."""
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x7FEB352D)
+  x = x ^ (x >> 15)
+  x = x * jnp.uint32(0x846CA68B)
+  return x ^ (x >> 16)
+
+
+def _index(n: int) -> jax.Array:
+  """``arange(n)`` as uint32 behind a barrier, so that XLA does not constant-fold the
+  hashes of it at compile time (slow for millions of entries)."""
+  return jax.lax.optimization_barrier(jnp.arange(n, dtype=jnp.uint32))
+
+
+def _keyed_permutation(words: jax.Array, n: int) -> jax.Array:
+  """A keyed bijection of ``[0, n)``, ``n = 2^k``: rounds of ``x ← ((x + c) · (a | 1)) mod n``,
+  ``x ← x ⊕ (x >> ⌈k/2⌉)``, each invertible on ``k`` bits. ``words``: 2 uint32 per round."""
+  k = n.bit_length() - 1
+  x = _index(n)
+  if k == 0:
+    return x.astype(jnp.int32)
+  mask, shift = jnp.uint32(n - 1), (k + 1) // 2
+  for r in range(words.shape[0] // 2):
+    x = ((x + words[2 * r]) * (words[2 * r + 1] | jnp.uint32(1))) & mask
+    x = x ^ (x >> shift)
+  return x.astype(jnp.int32)
+
+
 def fastfood_params(key: jax.Array, d_out: int, dtype=jnp.float32) -> FastfoodParams:
-  """Draws ``B, Π, G`` for a Fastfood transform to ``d_out`` entries."""
+  """Draws ``B, Π, G`` for a Fastfood transform to ``d_out`` entries.
+
+  Only 10 words are drawn from ``key``; the ``L``-long diagonals are a counter-based hash
+  of the index under those words (``O(L)`` elementwise work, no sort): ``b_j`` is the sign
+  of one hash, ``g_j = Φ⁻¹(u_j)`` of a 24-bit uniform from another, ``Π`` a keyed bijection.
+  """
   if d_out < 1:
     raise ValueError(f"fastfood: output size must be >= 1, got {d_out}")
   n = _padded_size(d_out)
-  kb, kp, kg = jax.random.split(key, 3)
-  b = jnp.where(jax.random.bernoulli(kb, 0.5, (n,)), 1.0, -1.0).astype(dtype)
-  perm = jax.random.permutation(kp, n)
-  g = jax.random.normal(kg, (n,), dtype)
-  divisor = jnp.sqrt(n * jnp.sum(g * g)) * math.sqrt(d_out / n)
-  return FastfoodParams(b=b, perm=perm, g=g, divisor=divisor)
+  words = jax.random.bits(key, (10,), jnp.uint32)
+  h = _hash32(_index(n))
+  b = jnp.where(_hash32(h ^ words[0]) >> 31 == 1, 1.0, -1.0).astype(dtype)
+  u = ((_hash32(h ^ words[1]) >> 8).astype(jnp.float32) + 0.5) * (2.0 ** -24)
+  g = jax.scipy.special.ndtri(u).astype(dtype)
+  perm = _keyed_permutation(words[2:], n)
+  divisor = jnp.sqrt(n * jnp.sum(g.astype(jnp.float32) ** 2)) * math.sqrt(d_out / n)
+  return FastfoodParams(b=b, perm=perm, g=g, divisor=divisor.astype(dtype))
 
 
 def fastfood(z: jax.Array, params: FastfoodParams, d_out: int) -> jax.Array:
-  """``P(z) = (H G Π H B pad(z))[:d_out] / divisor`` for a vector ``z``."""
-  n = params.b.shape[0]
+  """``P(z) = (H G Π H B pad(z))[:d_out] / divisor`` for a vector ``z``.
+
+  ``params`` may carry leading batch axes (``b, perm, g: [..., L]``, ``divisor: [...]``):
+  one ``z`` then goes through every transform of the batch at once (``[..., d_out]``).
+  """
+  n = params.b.shape[-1]
   d = z.shape[0]
   v = jnp.pad(z, (0, n - d)) if d < n else z[:n]
   v = fwht(v.astype(params.g.dtype) * params.b)
-  v = fwht(v[params.perm] * params.g)
-  return v[:d_out] / params.divisor
+  v = fwht(jnp.take_along_axis(v, params.perm, axis=-1) * params.g)
+  return v[..., :d_out] / jnp.expand_dims(params.divisor, -1)
 
 
 def intrinsic_said(d: int, where: tree_lib.Where = None, *, said: bool = True, seed: int = 0,
@@ -165,19 +208,27 @@ def intrinsic_said(d: int, where: tree_lib.Where = None, *, said: bool = True, s
     if z.shape != (_z_size(m),):
       raise ValueError(f"intrinsic_said: phi['z'] has shape {z.shape}, expected ({_z_size(m)},) "
                        f"for d={d} and {m} selected tensors")
-    root = jax.random.key(seed)
-    out, i = [], 0
-    for (path, w), sel in zip(items, flags):
-      if not sel:
-        out.append(None)
-        continue
-      size = int(math.prod(w.shape))
-      params = fastfood_params(jax.random.fold_in(root, i), size, dtype)
-      delta = fastfood(z, params, size)
-      if said:
-        delta = phi["lam"][i] * delta
-      out.append(delta.reshape(w.shape))
-      i += 1
+    # Transforms of one padded size L run in one lax.map over their keys (one FWHT pair
+    # in the program per distinct L however many tensors move; each row stays in cache;
+    # the backward recomputes a row's diagonals instead of storing [m, L] of them).
+    # Tensor i keeps the key fold_in(seed, i) and its own divisor √(L Σ g²) · √(D_i / L).
+    # The barrier keeps XLA from constant-folding the hashed diagonals at compile time.
+    root = jax.random.wrap_key_data(jax.lax.optimization_barrier(
+        jax.random.key_data(jax.random.key(seed))))
+    sel_items = [(j, int(math.prod(w.shape))) for j, ((_, w), f) in enumerate(zip(items, flags)) if f]
+    groups: dict = {}
+    for i, (j, size) in enumerate(sel_items):
+      groups.setdefault(_padded_size(size), []).append((i, j, size))
+    out = [None] * len(items)
+    for n, members in groups.items():
+      keys = jnp.stack([jax.random.fold_in(root, i) for i, _, _ in members])
+      row = jax.checkpoint(lambda key, n=n: fastfood(z, fastfood_params(key, n, dtype), n))
+      full = jax.lax.map(row, keys)  # [members, L], each divided by √(L Σ g²)
+      for r, (i, j, size) in enumerate(members):
+        delta = full[r, :size] * math.sqrt(n / size)
+        if said:
+          delta = phi["lam"][i] * delta
+        out[j] = delta.reshape(items[j][1].shape)
     return items, out
 
   def apply(theta0, phi, rng: Optional[jax.Array] = None):

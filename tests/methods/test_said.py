@@ -161,3 +161,32 @@ def test_jit_matches_eager():
   for (p, a), (_, b) in zip(lj.flatten_with_paths(eager), lj.flatten_with_paths(jitted)):
     np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-5, atol=1e-5,
                                err_msg=p)
+
+
+@settings(max_examples=20, deadline=None)
+@given(d_out=st.integers(1, 5000), seed=st.integers(0, 2**31 - 1))
+def test_fastfood_params_are_a_permutation_and_signs(d_out, seed):
+  params = said.fastfood_params(jax.random.key(seed), d_out)
+  n = params.b.shape[0]
+  np.testing.assert_array_equal(np.sort(np.asarray(params.perm)), np.arange(n))
+  assert set(np.unique(np.asarray(params.b)).tolist()) <= {-1.0, 1.0}
+  assert params.perm.dtype == jnp.int32 and params.g.shape == (n,)
+
+
+def test_fastfood_params_statistics():
+  """The hashed diagonals behave like the i.i.d. draws of Le et al.: G standard normal (moments,
+  tails), B fair signs, Π uncorrelated with the index (n = 2^20)."""
+  n = 1 << 20
+  p = jax.jit(lambda k: said.fastfood_params(k, n))(jax.random.key(11))
+  g, b, perm = np.asarray(p.g, np.float64), np.asarray(p.b), np.asarray(p.perm)
+  se = 1 / np.sqrt(n)
+  assert abs(g.mean()) < 5 * se and abs(g.std() - 1) < 5 * se * np.sqrt(2)
+  assert abs(np.mean(g ** 4) - 3) < 5 * se * np.sqrt(96)
+  np.testing.assert_allclose(np.mean(np.abs(g) > 3), 2 * 0.0013499, rtol=0.1)
+  assert abs(b.mean()) < 5 * se
+  assert abs(np.corrcoef(np.arange(n), perm)[0, 1]) < 5 * se
+  # displacement of neighbours: |π(j+1) - π(j)| / n of a uniform permutation has mean 1/3
+  np.testing.assert_allclose(np.mean(np.abs(np.diff(perm))) / n, 1 / 3, atol=0.01)
+  # different keys give different projections
+  q = said.fastfood_params(jax.random.key(12), n)
+  assert np.mean(np.asarray(q.perm) == perm) < 1e-3 and np.mean(np.asarray(q.b) == b) < 0.55
