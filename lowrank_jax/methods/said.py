@@ -26,6 +26,9 @@ or the optimizer state) by a counter-based hash of the entry index, elementwise 
 ``O(D)``: ``Π`` is a keyed pseudo-random bijection of ``[0, L)`` (four rounds of
 add-multiply-xorshift on ``log2 L`` bits), not a uniformly drawn permutation, which would
 need an ``O(L log L)`` sort every step (that sort made a SAID step 13x a LoRA step).
+A step still needs the dense gradient of every moved tensor (the backward pass of full
+fine-tuning) plus the transforms: on every MiniLM encoder leaf about 2.2x a LoRA q,v step
+(``python -m bench.methods --methods lora,said``).
 
 Differences from the reference code:
 
