@@ -101,6 +101,13 @@ def _hash32(x: jax.Array) -> jax.Array:
   return x ^ (x >> 16)
 
 
+def _normal_from_bits(bits: jax.Array) -> jax.Array:
+  """``Φ⁻¹(u)`` of ``u = (k + ½) / 2²³`` with ``k`` the top 23 bits: ``u`` is exact in
+  float32 and inside ``(0, 1)`` (24 bits would round ``1 - 2⁻²⁵`` up to 1: an infinite ``g``)."""
+  u = ((bits >> 9).astype(jnp.float32) + 0.5) * (2.0 ** -23)
+  return jax.scipy.special.ndtri(u)
+
+
 def _index(n: int) -> jax.Array:
   """``arange(n)`` as uint32 behind a barrier, so that XLA does not constant-fold the
   hashes of it at compile time (slow for millions of entries)."""
@@ -126,7 +133,7 @@ def fastfood_params(key: jax.Array, d_out: int, dtype=jnp.float32) -> FastfoodPa
 
   Only 10 words are drawn from ``key``; the ``L``-long diagonals are a counter-based hash
   of the index under those words (``O(L)`` elementwise work, no sort): ``b_j`` is the sign
-  of one hash, ``g_j = Φ⁻¹(u_j)`` of a 24-bit uniform from another, ``Π`` a keyed bijection.
+  of one hash, ``g_j = Φ⁻¹(u_j)`` of a 23-bit uniform from another, ``Π`` a keyed bijection.
   """
   if d_out < 1:
     raise ValueError(f"fastfood: output size must be >= 1, got {d_out}")
@@ -134,8 +141,7 @@ def fastfood_params(key: jax.Array, d_out: int, dtype=jnp.float32) -> FastfoodPa
   words = jax.random.bits(key, (10,), jnp.uint32)
   h = _hash32(_index(n))
   b = jnp.where(_hash32(h ^ words[0]) >> 31 == 1, 1.0, -1.0).astype(dtype)
-  u = ((_hash32(h ^ words[1]) >> 8).astype(jnp.float32) + 0.5) * (2.0 ** -24)
-  g = jax.scipy.special.ndtri(u).astype(dtype)
+  g = _normal_from_bits(_hash32(h ^ words[1])).astype(dtype)
   perm = _keyed_permutation(words[2:], n)
   divisor = jnp.sqrt(n * jnp.sum(g.astype(jnp.float32) ** 2)) * math.sqrt(d_out / n)
   return FastfoodParams(b=b, perm=perm, g=g, divisor=divisor.astype(dtype))

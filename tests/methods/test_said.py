@@ -190,3 +190,16 @@ def test_fastfood_params_statistics():
   # different keys give different projections
   q = said.fastfood_params(jax.random.key(12), n)
   assert np.mean(np.asarray(q.perm) == perm) < 1e-3 and np.mean(np.asarray(q.b) == b) < 0.55
+
+
+def test_hashed_normal_is_finite_at_the_extremes():
+  """The largest and smallest hash words map inside (0, 1): no infinite G entry (a 24-bit
+  uniform rounded 1 - 2^-25 up to 1.0 in float32, and a MiniLM SAID run went NaN)."""
+  bits = jnp.asarray([0, 1, 2**31, 2**32 - 512, 2**32 - 1], jnp.uint32)
+  g = np.asarray(said._normal_from_bits(bits))
+  assert np.all(np.isfinite(g)) and g[0] < -5 and g[-1] > 5
+  np.testing.assert_allclose(g[-1], -g[0], rtol=1e-5)
+  # every entry of many diagonals is finite
+  for seed in range(8):
+    p = said.fastfood_params(jax.random.key(seed), 1 << 20)
+    assert np.all(np.isfinite(np.asarray(p.g))) and np.isfinite(float(p.divisor))
