@@ -152,7 +152,7 @@ def main(argv=None) -> None:
     except ImportError as e:
       print(f"(torch/peft not installed: {e}; reference columns skipped)")
   print(f"\nMiniLM-L6 step, B={B} T={T}, dropout {a.dropout}, median of {a.steps} steps after 2 warm-up, "
-        f"{a.threads} threads\n")
+        f"{a.threads} threads, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}\n")
   print("| variant | trainable params | step (s) | first call incl. compile (s) |")
   print("|---|---:|---:|---:|")
   for name, (t, n, first) in {**rows, **ref}.items():
