@@ -136,17 +136,9 @@ def convert_state_dict(flat: Mapping[str, np.ndarray], rules: Sequence[Rule] = (
     if drop is not None and drop(name):
       continue
     value = np.asarray(flat[name])
-    new = name
-    for rx, rep in compiled:
-      new = rx.sub(rep, new)
-      if not new:
-        break
+    new = _rename(name, value.ndim, compiled, suffix)
     if not new:
       continue
-    if new.endswith(".weight") and value.ndim == 2:
-      new = new[: -len(".weight")] + ".<kernel>"
-    for rx, rep in suffix:
-      new = rx.sub(rep, new)
     if new.endswith("/kernel"):
       value = np.ascontiguousarray(value.T)
     if dtype is not None and np.issubdtype(value.dtype, np.floating):
@@ -155,6 +147,30 @@ def convert_state_dict(flat: Mapping[str, np.ndarray], rules: Sequence[Rule] = (
       raise ValueError(f"duplicate parameter name '{new}' after renaming (from '{name}')")
     out[new] = value
   return unflatten(out)
+
+
+def rename(name: str, rules: Sequence[Rule] = (), *, ndim: int = 2, embedding: str = r"embed") -> str:
+  """The ``/``-path that :func:`convert_state_dict` gives the torch name ``name`` of a
+  tensor with ``ndim`` dimensions (``""`` if the rules drop it).
+
+  ``rename("encoder.layer.0.attention.self.query.weight", bert.bert_rules())`` is
+  ``"encoder/layer_0/attention/query/kernel"``.
+  """
+  return _rename(name, ndim, [(re.compile(p), r) for p, r in rules],
+                 [(re.compile(p), r) for p, r in default_rules(embedding)])
+
+
+def _rename(name: str, ndim: int, compiled, suffix) -> str:
+  new = name
+  for rx, rep in compiled:
+    new = rx.sub(rep, new)
+    if not new:
+      return ""
+  if new.endswith(".weight") and ndim == 2:
+    new = new[: -len(".weight")] + ".<kernel>"
+  for rx, rep in suffix:
+    new = rx.sub(rep, new)
+  return new
 
 
 def load_hf_tree(path: str | os.PathLike, rules: Sequence[Rule] = (), **kwargs) -> dict:

@@ -38,6 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lowrank_jax import lazy, tree as tree_lib
+from lowrank_jax.interop import hf
+from lowrank_jax.models import bert
 from lowrank_jax.reparam import Reparam
 
 __all__ = [
@@ -64,29 +66,10 @@ _PARAM_RE = re.compile(
 
 # --------------------------------------------------------------------------- name mapping
 
-_BERT_TO_PATH = [
-  (re.compile(r"^encoder\.layer\.(\d+)\.attention\.self\.(query|key|value)$"),
-   r"encoder/layer_\1/attention/\2/kernel"),
-  (re.compile(r"^encoder\.layer\.(\d+)\.attention\.output\.dense$"), r"encoder/layer_\1/attention/output/kernel"),
-  (re.compile(r"^encoder\.layer\.(\d+)\.intermediate\.dense$"), r"encoder/layer_\1/intermediate/kernel"),
-  (re.compile(r"^encoder\.layer\.(\d+)\.output\.dense$"), r"encoder/layer_\1/output/kernel"),
-  (re.compile(r"^pooler\.dense$"), r"pooler/kernel"),
-]
-_PATH_TO_BERT = [
-  (re.compile(r"^encoder/layer_(\d+)/attention/(query|key|value)/kernel$"),
-   r"encoder.layer.\1.attention.self.\2"),
-  (re.compile(r"^encoder/layer_(\d+)/attention/output/kernel$"), r"encoder.layer.\1.attention.output.dense"),
-  (re.compile(r"^encoder/layer_(\d+)/intermediate/kernel$"), r"encoder.layer.\1.intermediate.dense"),
-  (re.compile(r"^encoder/layer_(\d+)/output/kernel$"), r"encoder.layer.\1.output.dense"),
-  (re.compile(r"^pooler/kernel$"), r"pooler.dense"),
-]
-
-
-def _map(rules, name: str, what: str) -> str:
-  for rx, repl in rules:
-    if rx.match(name):
-      return rx.sub(repl, name)
-  raise KeyError(f"no {what} mapping for {name!r}; pass your own module_to_path / path_to_module")
+# The BERT linears peft may adapt, as our paths; the names both ways come from the one
+# renaming that loads the weights (models.bert.bert_rules / hf_name), not a second table.
+_BERT_LINEAR = re.compile(
+    r"^(encoder/layer_\d+/(attention/(query|key|value|output)|intermediate|output)|pooler)/kernel$")
 
 
 def bert_module_to_path(module: str) -> str:
@@ -97,12 +80,19 @@ def bert_module_to_path(module: str) -> str:
   ``...intermediate.dense`` -> ``.../intermediate/kernel``, ``...output.dense`` ->
   ``.../output/kernel``; a leading ``bert.`` (``BertFor*`` models) is dropped.
   """
-  return _map(_BERT_TO_PATH, module[5:] if module.startswith("bert.") else module, "module -> path")
+  path = hf.rename(module + ".weight", bert.bert_rules())
+  if not _BERT_LINEAR.match(path):
+    raise KeyError(f"no module -> path mapping for {module!r} (not a BERT linear layer); "
+                   "pass your own module_to_path / path_to_module")
+  return path
 
 
 def bert_path_to_module(path: str) -> str:
   """Inverse of :func:`bert_module_to_path`."""
-  return _map(_PATH_TO_BERT, path, "path -> module")
+  if not _BERT_LINEAR.match(path):
+    raise KeyError(f"no path -> module mapping for {path!r} (not a BERT linear kernel); "
+                   "pass your own module_to_path / path_to_module")
+  return bert.hf_name(path)[: -len(".weight")]
 
 
 # --------------------------------------------------------------------------- reading

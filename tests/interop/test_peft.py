@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.numpy import load_file
 
 import lowrank_jax as lj
-from lowrank_jax.interop import peft as lpeft
+from lowrank_jax.interop import hf, peft as lpeft
 from lowrank_jax.models import bert
 from tests.conftest import GOLDEN, load_golden
 
@@ -45,6 +45,15 @@ def test_bert_name_mapping_round_trip(shapes):
       "encoder.layer.0.attention.self.query"]
   with pytest.raises(KeyError, match="no module -> path mapping"):
     lpeft.bert_module_to_path("decoder.block.0")
+  with pytest.raises(KeyError, match="no path -> module mapping for 'embeddings"):
+    lpeft.bert_path_to_module("embeddings/word_embeddings/embedding")
+  # every linear kernel of the model maps both ways, through the loader's own renaming
+  kernels = [p for p in paths if p.endswith("/kernel")]
+  assert len(kernels) == 6 * 6 + 1
+  for path in kernels:
+    module = lpeft.bert_path_to_module(path)
+    assert lpeft.bert_module_to_path(module) == path
+    assert hf.rename(module + ".weight", bert.bert_rules()) == path
 
 
 def _peft_name(i, mod, ab):
