@@ -257,7 +257,6 @@ def offload_figures(args) -> None:
 def minilm_memory() -> None:
   """Memory reports (eval_shape, nothing allocated) of MiniLM-L6 training setups."""
   import jax
-  import optax
 
   import lowrank_jax as lj
   from lowrank_jax.models import bert

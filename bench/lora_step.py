@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import numpy as np
 
-from bench import median_time
+from bench import first_and_median, median_time
 
 B, T, N_CLASSES = 32, 64, 3
 
@@ -62,10 +61,6 @@ def jax_figures(ids: np.ndarray, labels: np.ndarray, dropout: float, steps: int)
     state = opt.init(phi)
     step = train.make_train_step(reparam, opt, loss_fn)
     key = jax.random.key(2)
-    t0 = time.perf_counter()
-    phi, state, m = step(phi, state, theta0, batch, key)
-    jax.block_until_ready(m)
-    first = time.perf_counter() - t0
     holder = [phi, state]
 
     def run():
@@ -73,14 +68,13 @@ def jax_figures(ids: np.ndarray, labels: np.ndarray, dropout: float, steps: int)
       jax.block_until_ready(m)
       holder[0], holder[1] = p, s
 
-    out[name] = (median_time(run, steps), lj.count_params(phi), first)
+    first, t = first_and_median(run, steps)
+    out[name] = (t, lj.count_params(phi), first)
 
   fwd = jax.jit(lambda t, b: bert.classifier_logits(t["head"], bert.bert_forward(
       t["bert"], config, b["input_ids"], b["attention_mask"])))
-  t0 = time.perf_counter()
-  jax.block_until_ready(fwd(theta0, batch))
-  first = time.perf_counter() - t0
-  out["frozen forward"] = (median_time(lambda: jax.block_until_ready(fwd(theta0, batch)), steps), 0, first)
+  first, t = first_and_median(lambda: jax.block_until_ready(fwd(theta0, batch)), steps)
+  out["frozen forward"] = (t, 0, first)
   return out
 
 
@@ -124,10 +118,8 @@ def torch_figures(ids: np.ndarray, labels: np.ndarray, dropout: float, steps: in
       loss.backward()
       opt.step()
 
-    t0 = time.perf_counter()
-    run()
-    first = time.perf_counter() - t0
-    out[name] = (median_time(run, steps), sum(p.numel() for p in params), first)
+    first, t = first_and_median(run, steps)
+    out[name] = (t, sum(p.numel() for p in params), first)
   model = Classifier().eval()
   with torch.no_grad():
     out["torch frozen forward"] = (median_time(lambda: model(x), steps), 0, 0.0)

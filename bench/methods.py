@@ -28,10 +28,11 @@ import json
 import os
 import subprocess
 import sys
-import time
 from typing import Callable
 
 import numpy as np
+
+from bench import first_and_median
 
 B, T, N_CLASSES = 32, 64, 3
 QV = r"(query|value)/kernel"
@@ -179,17 +180,9 @@ def run_methods(names: list[str], a) -> dict:
     if method_ is None:  # frozen forward
       fwd = jax.jit(lambda t, b: bert.classifier_logits(
           t["head"], bert.bert_forward(t["bert"], config, b["input_ids"], b["attention_mask"])))
-      t0 = time.perf_counter()
-      jax.block_until_ready(fwd(theta0, batch))
-      first = time.perf_counter() - t0
-      times = []
-      for i in range(2 + a.steps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fwd(theta0, batch))
-        if i >= 2:
-          times.append(time.perf_counter() - t0)
+      first, step_t = first_and_median(lambda: jax.block_until_ready(fwd(theta0, batch)), a.steps)
       _, frozen_b = _memory(theta0, None, None)
-      out[name] = {"label": label, "params": 0, "step": float(np.median(times)), "first": first,
+      out[name] = {"label": label, "params": 0, "step": step_t, "first": first,
                    "phi_opt_bytes": 0, "frozen_bytes": frozen_b}
       print(f"  {name}: {out[name]['step']:.3f} s", flush=True)
       continue
@@ -200,22 +193,20 @@ def run_methods(names: list[str], a) -> dict:
     phi_opt, frozen_b = _memory(theta0, phi, state)
     step = train.make_train_step(reparam, opt, loss_fn)
     key = None if deterministic else jax.random.key(2)
-    t0 = time.perf_counter()
-    phi, state, m = step(phi, state, theta0, batch, key)
-    jax.block_until_ready(m)
-    first = time.perf_counter() - t0
-    times = []
-    for i in range(1 + a.steps):  # the first call above is warm-up 1
-      t0 = time.perf_counter()
-      phi, state, m = step(phi, state, theta0, batch, key)
-      jax.block_until_ready(m)
-      if i >= 1:
-        times.append(time.perf_counter() - t0)
-    out[name] = {"label": label, "params": n_params, "step": float(np.median(times)), "first": first,
+    holder = [phi, state, None]
+
+    def run():
+      holder[0], holder[1], holder[2] = step(holder[0], holder[1], theta0, batch, key)
+      jax.block_until_ready(holder[2])
+
+    first, step_t = first_and_median(run, a.steps)
+    m = holder[2]
+    out[name] = {"label": label, "params": n_params, "step": step_t, "first": first,
                  "phi_opt_bytes": phi_opt, "frozen_bytes": frozen_b,
                  "loss": float(m["loss"])}
     print(f"  {name}: {out[name]['step']:.3f} s (first call {first:.1f} s)", flush=True)
-    del phi, state, step
+    del phi, state
+    holder.clear()
   return out
 
 

@@ -134,7 +134,6 @@ def main(argv=None) -> None:
       return
     results[v] = json.loads(line[0][7:])
   b, q = results["bf16"], results["nf4"]
-  gib = 2.0 ** 30
   print(f"\nLlama-style decoder, {b['params'] / 1e9:.2f}B params ({args.layers} layers), LoRA r={args.rank} "
         f"on all linear layers, batch {args.batch} x seq {args.seq}, fwd+bwd, device {b['device']}")
   print(f"{'variant':8s} {'linear bits/param':>17s} {'frozen linear GB':>16s} {'all frozen GB':>13s} "
