@@ -173,18 +173,32 @@ def table(results: list[dict]) -> str:
 
 
 def plot(results: list[dict], path: pathlib.Path) -> None:
+  """Test accuracy vs trainable parameters (log scale); colour = median step time,
+  marker area = peak RSS, the LoRA rank sweep on q,v joined by a line."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6.4, 4.2))
-  for r in results:
-    ax.scatter(r["trainable_params"], 100 * r["test_accuracy"], s=40)
-    ax.annotate(r["name"], (r["trainable_params"], 100 * r["test_accuracy"]), fontsize=8,
-                xytext=(4, 4), textcoords="offset points")
+  fig, ax = plt.subplots(figsize=(7.6, 4.8))
+  x = np.array([r["trainable_params"] for r in results], float)
+  y = np.array([100 * r["test_accuracy"] for r in results])
+  t = np.array([r["step_time_s"] for r in results])
+  rss = np.array([r["peak_rss_bytes"] / 2**30 for r in results])
+  sweep = sorted((r["config"]["method"].get("rank", 0), i) for i, r in enumerate(results)
+                 if r["method"] == "lora" and r["config"]["method"].get("where") == "(query|value)/kernel"
+                 and r["config"].get("optimizer", {}).get("kind", "adamw") == "adamw")
+  if len(sweep) > 1:
+    idx = [i for _, i in sweep]
+    ax.plot(x[idx], y[idx], color="0.6", lw=1, zorder=1, label="LoRA q,v, r = "
+            + ", ".join(str(r) for r, _ in sweep))
+    ax.legend(loc="lower right", fontsize=8)
+  sc = ax.scatter(x, y, c=t, s=30 + 60 * rss, cmap="viridis", edgecolors="k", linewidths=0.4, zorder=2)
+  for r, xi, yi in zip(results, x, y):
+    ax.annotate(r["name"], (xi, yi), fontsize=7, xytext=(4, 4), textcoords="offset points")
+  fig.colorbar(sc, ax=ax, label="step time (s)")
   ax.set_xscale("log")
   ax.set_xlabel("trainable parameters")
   ax.set_ylabel("test accuracy (%)")
-  ax.set_title("MiniLM-L6 on stdlib docstrings: accuracy vs trainable parameters")
+  ax.set_title("MiniLM-L6 on stdlib docstrings (marker area: peak RSS)", fontsize=10)
   ax.grid(alpha=0.3)
   save_figure(fig, path)
 
