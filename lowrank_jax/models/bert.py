@@ -227,14 +227,21 @@ def _prefix_heads(p, batch: int, config: BertConfig, dtype) -> jax.Array:
 
 
 def _layer(p: PyTree, config: BertConfig, x: jax.Array, key_mask: jax.Array,
-           prefix, rng: Optional[jax.Array], impl: str) -> jax.Array:
+           prefix, rng: Optional[jax.Array], impl: str,
+           positions: Optional[tuple[int, ...]] = None) -> jax.Array:
+  """One encoder layer; with ``positions`` only those query rows are computed (keys and
+  values still come from every token), and the output is ``[B, len(positions), D]``."""
   b = x.shape[0]
   att = p["attention"]
   rngs = jax.random.split(rng, 4) if rng is not None else [None] * 4
   hidden_rate, attn_rate = config.hidden_dropout_prob, config.attention_probs_dropout_prob
+  x_kv = x
+  if positions is not None:
+    x = (x[:, :len(positions)] if positions == tuple(range(len(positions)))  # a static slice
+         else x[:, jnp.asarray(positions)])
   q = layers.split_heads(layers.dense(att["query"], x), config.num_attention_heads)
-  k = layers.split_heads(layers.dense(att["key"], x), config.num_attention_heads)
-  v = layers.split_heads(layers.dense(att["value"], x), config.num_attention_heads)
+  k = layers.split_heads(layers.dense(att["key"], x_kv), config.num_attention_heads)
+  v = layers.split_heads(layers.dense(att["value"], x_kv), config.num_attention_heads)
   if prefix is not None:
     pk, pv = prefix
     pk, pv = _prefix_heads(pk, b, config, k.dtype), _prefix_heads(pv, b, config, v.dtype)
@@ -265,7 +272,8 @@ def bert_forward(params: PyTree, config: BertConfig, input_ids: jax.Array,
                  deterministic: bool = True, rng: Optional[jax.Array] = None,
                  prefix: Optional[Sequence[Any]] = None,
                  position_offset: Optional[int] = None,
-                 attention_impl: Literal["auto", "einsum", "dpa"] = "auto") -> jax.Array:
+                 attention_impl: Literal["auto", "einsum", "dpa"] = "auto",
+                 last_layer_positions: Optional[Sequence[int]] = None) -> jax.Array:
   """BERT encoder forward pass; returns ``last_hidden_state`` ``[B, T, D]``.
 
   Args:
@@ -282,9 +290,15 @@ def bert_forward(params: PyTree, config: BertConfig, input_ids: jax.Array,
     position_offset: first position id; defaults to the prefix length (HF behaviour) or 0.
     attention_impl: ``"auto"`` (fused ``dot_product_attention`` without dropout, einsum
       with it), ``"einsum"`` or ``"dpa"``.
+    last_layer_positions: token positions whose final hidden states the caller reads,
+      e.g. ``(0,)`` for a ``[CLS]`` head. The last layer then computes queries, attention
+      output, feed-forward and layer norms for those rows only (keys and values from all
+      tokens), which is exact and skips about ``(T - len)/T`` of that layer's work in the
+      forward and backward passes. ``None``: every position.
 
   Returns:
-    ``[B, T, D]`` hidden states in the embedding dtype.
+    ``[B, T, D]`` hidden states in the embedding dtype (``[B, len(last_layer_positions), D]``
+    when given).
   """
   if not deterministic and rng is None:
     raise ValueError("bert_forward(deterministic=False) needs an rng key for dropout")
@@ -319,10 +333,19 @@ def bert_forward(params: PyTree, config: BertConfig, input_ids: jax.Array,
     rng, sub = jax.random.split(rng)
     x = layers.dropout(x, config.hidden_dropout_prob, sub)
   key_mask = jnp.asarray(attention_mask).astype(bool)
-  for i in range(config.num_hidden_layers):
+  positions = None
+  if last_layer_positions is not None:
+    positions = tuple(int(i) for i in last_layer_positions)
+    bad = [i for i in positions if not 0 <= i < t]
+    if not positions or bad:
+      raise ValueError(f"last_layer_positions {positions} must be a non-empty sequence of "
+                       f"positions in [0, {t}) (sequence length {t})")
+  n = config.num_hidden_layers
+  for i in range(n):
     layer_rng = None if rng is None else jax.random.fold_in(rng, i)
     x = _layer(params["encoder"][f"layer_{i}"], config, x, key_mask,
-               None if prefix is None else prefix[i], layer_rng, attention_impl)
+               None if prefix is None else prefix[i], layer_rng, attention_impl,
+               positions if i == n - 1 else None)
   return x
 
 

@@ -4,6 +4,7 @@
 import dataclasses
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -170,7 +171,8 @@ def test_bfloat16_weights(minilm):
 
 # Jitted forward for the tiny model (eager op-by-op dispatch is slow on a busy CPU).
 fwd = jax.jit(bert.bert_forward, static_argnums=(1,),
-              static_argnames=("deterministic", "attention_impl", "position_offset"))
+              static_argnames=("deterministic", "attention_impl", "position_offset",
+                               "last_layer_positions"))
 
 TINY = bert.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
                        intermediate_size=24, max_position_embeddings=32)
@@ -361,3 +363,36 @@ def test_classifier_head(tiny):
                              mean @ np.asarray(head["kernel"]), atol=1e-5)
   with pytest.raises(ValueError, match="pooling"):
     bert.classifier_logits(head, h, pooling="max")
+
+
+@pytest.mark.parametrize("positions", [(0,), (0, 1, 2), (4, 1)])
+@pytest.mark.parametrize("impl", ["dpa", "einsum"])
+def test_last_layer_positions_equal_full_forward_and_grads(tiny, positions, impl):
+  """Computing only some rows of the last layer gives those rows of the full forward, and
+  the same LoRA gradients (CLS-head loss), with padding in the batch."""
+  params, ids, mask = tiny
+  full = fwd(params, TINY, ids, mask, attention_impl=impl)
+  part = fwd(params, TINY, ids, mask, attention_impl=impl, last_layer_positions=positions)
+  assert part.shape == (3, len(positions), TINY.hidden_size)
+  np.testing.assert_allclose(np.asarray(part), np.asarray(full)[:, list(positions)], atol=1e-5, rtol=1e-5)
+  reparam = lj.lora(r"(query|value|intermediate)/kernel", rank=2, alpha=4, init="gaussian")
+  phi = reparam.init(jax.random.PRNGKey(0), params)
+  phi = jax.tree.map(lambda x: x + 0.1, phi)  # B != 0 so every factor has a gradient
+
+  def loss(phi, pos):
+    h = bert.bert_forward(reparam.apply(params, phi), TINY, ids, mask, attention_impl=impl,
+                          last_layer_positions=pos)
+    row = h[:, positions[0]] if pos is None else h[:, 0]  # the head reads positions[0]
+    return jnp.sum(jnp.tanh(row) ** 2)
+
+  g_full = jax.jit(jax.grad(lambda p: loss(p, None)))(phi)
+  g_part = jax.jit(jax.grad(lambda p: loss(p, positions)))(phi)
+  chex.assert_trees_all_close(g_part, g_full, atol=1e-5, rtol=1e-4)
+  assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(g_part))
+
+
+def test_last_layer_positions_bad_input(tiny):
+  params, ids, mask = tiny
+  for bad in [(), (7,), (-1,)]:
+    with pytest.raises(ValueError, match="last_layer_positions"):
+      bert.bert_forward(params, TINY, ids, mask, last_layer_positions=bad)
