@@ -3,7 +3,6 @@ BERT with the adapters written out by hand, placements/layers/parameter count, g
 only the adapters, and the reparam composes with lj.chain, lj.full, jit and optax."""
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +14,7 @@ import lowrank_jax as lj
 from lowrank_jax import train
 from lowrank_jax.methods import adapters
 from lowrank_jax.models import bert
+from tests.models.bert_reference import np_bert, tiny_problem
 
 CFG = bert.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=3, num_attention_heads=4,
                       intermediate_size=24, max_position_embeddings=32)
@@ -23,15 +23,8 @@ ATT, OUT = "attention/output/kernel", "output/kernel"
 
 @pytest.fixture(scope="module")
 def setup():
-  params = bert.init_bert(jax.random.PRNGKey(0), CFG, pooler=False)
-  # Larger weights and non-trivial LayerNorm/bias values so that every term matters.
-  params = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.PRNGKey(x.size), x.shape)
-                        if x.ndim == 1 else 10.0 * x, params)
+  params, ids, mask = tiny_problem(CFG, 0, (3, 6), {1: 4}, pooler=False)
   theta0 = {"bert": params, "head": bert.init_classifier(jax.random.PRNGKey(1), CFG.hidden_size, 3)}
-  rng = np.random.default_rng(0)
-  ids = rng.integers(0, CFG.vocab_size, (3, 6))
-  mask = np.ones((3, 6), np.int32)
-  mask[1, 4:] = 0
   return theta0, ids, mask
 
 
@@ -48,68 +41,6 @@ def _randomize(phi, key):
   keys = jax.random.split(key, len(leaves))
   return jax.tree.unflatten(treedef, [0.3 * jax.random.normal(k, x.shape, x.dtype)
                                       for k, x in zip(keys, leaves)])
-
-
-# --------------------------------------------------------------------------- numpy reference
-
-def _np_ln(p, x, eps):
-  m = x.mean(-1, keepdims=True)
-  v = ((x - m) ** 2).mean(-1, keepdims=True)
-  return (x - m) / np.sqrt(v + eps) * p["scale"] + p["bias"]
-
-
-def _np_adapter(p, h, act):
-  """h + act(h W_down + b_down) W_up + b_up, written out."""
-  z = act(h @ p["down"]["kernel"] + p["down"]["bias"])
-  return h + z @ p["up"]["kernel"] + p["up"]["bias"]
-
-
-_NP_ACT = {"relu": lambda x: np.maximum(x, 0.0), "tanh": np.tanh}
-
-
-def np_bert(params, cfg, ids, mask, adapters_by_slot=None, act="relu", prefix=None):
-  """Float64 BERT forward, written from the equations.
-
-  ``adapters_by_slot[(i, 'attention'|'output')]``: adapter params after that sub-layer.
-  ``prefix[i] = (P_K [P, D], P_V [P, D])``: concatenated in front of layer ``i``'s keys and
-  values (always attended to); position ids then start at ``P`` (Hugging Face behaviour).
-  """
-  P = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
-  A_ = {k: jax.tree.map(lambda x: np.asarray(x, np.float64), v)
-        for k, v in (adapters_by_slot or {}).items()}
-  f = _NP_ACT[act]
-  b, t = ids.shape
-  h, dh = cfg.num_attention_heads, cfg.head_dim
-  off = 0 if prefix is None else np.shape(prefix[0][0])[0]
-  e = P["embeddings"]
-  x = (e["word_embeddings"]["embedding"][ids] + e["position_embeddings"]["embedding"][off:off + t]
-       + e["token_type_embeddings"]["embedding"][0])
-  x = _np_ln(e["LayerNorm"], x, cfg.layer_norm_eps)
-  for i in range(cfg.num_hidden_layers):
-    L = P["encoder"][f"layer_{i}"]
-    A = L["attention"]
-    q, k, v = ((x @ A[n]["kernel"] + A[n]["bias"]) for n in ("query", "key", "value"))
-    m = mask.astype(bool)
-    if prefix is not None:  # explicit concatenation [P_K; K], [P_V; V], mask [1..1; m]
-      pk, pv = (np.broadcast_to(np.asarray(z, np.float64), (b,) + np.shape(z)) for z in prefix[i])
-      k, v = np.concatenate([pk, k], axis=1), np.concatenate([pv, v], axis=1)
-      m = np.concatenate([np.ones((b, pk.shape[1]), bool), m], axis=1)
-    q, k, v = (z.reshape(b, z.shape[1], h, dh) for z in (q, k, v))
-    s = np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(dh)
-    s = np.where(m[:, None, None, :], s, -np.inf)
-    pr = np.exp(s - s.max(-1, keepdims=True))
-    pr /= pr.sum(-1, keepdims=True)
-    a = np.einsum("bhts,bshd->bthd", pr, v).reshape(b, t, h * dh) @ A["output"]["kernel"] + A["output"]["bias"]
-    if (i, "attention") in A_:
-      a = _np_adapter(A_[(i, "attention")], a, f)
-    x = _np_ln(A["output"]["LayerNorm"], x + a, cfg.layer_norm_eps)
-    u = x @ L["intermediate"]["kernel"] + L["intermediate"]["bias"]
-    u = 0.5 * u * (1 + np.vectorize(math.erf)(u / np.sqrt(2)))
-    o = u @ L["output"]["kernel"] + L["output"]["bias"]
-    if (i, "output") in A_:
-      o = _np_adapter(A_[(i, "output")], o, f)
-    x = _np_ln(L["output"]["LayerNorm"], x + o, cfg.layer_norm_eps)
-  return x
 
 
 _bert = jax.jit(bert.bert_forward, static_argnums=1)
@@ -146,7 +77,7 @@ def test_forward_matches_numpy_reference(setup, placement, act):
     slots[(i, "output")] = _layer(phi, i, OUT)
     if placement == "houlsby":
       slots[(i, "attention")] = _layer(phi, i, ATT)
-  ref = np_bert(theta0["bert"], cfg, ids, mask, slots, act)
+  ref = np_bert(theta0["bert"], cfg, ids, mask, adapters_by_slot=slots, act=act)
   got = np.asarray(_fwd(theta, ids, mask, cfg))
   valid = mask.astype(bool)
   np.testing.assert_allclose(got[valid], ref[valid], rtol=1e-4, atol=1e-4)

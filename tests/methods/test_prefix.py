@@ -13,7 +13,7 @@ import lowrank_jax as lj
 from lowrank_jax import train
 from lowrank_jax.methods import prefix as pt
 from lowrank_jax.models import bert
-from tests.methods.test_adapters import np_bert
+from tests.models.bert_reference import np_bert, tiny_problem, valid
 
 CFG = bert.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
                       intermediate_size=24, max_position_embeddings=32)
@@ -23,20 +23,9 @@ _bert = jax.jit(bert.bert_forward, static_argnums=1)
 
 @pytest.fixture(scope="module")
 def setup():
-  params = bert.init_bert(jax.random.PRNGKey(0), CFG, pooler=False)
-  params = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.PRNGKey(x.size), x.shape)
-                        if x.ndim == 1 else 10.0 * x, params)
+  params, ids, mask = tiny_problem(CFG, 0, (3, 6), {1: 4, 2: 1}, pooler=False)
   theta0 = {"bert": params, "head": bert.init_classifier(jax.random.PRNGKey(1), D, 3)}
-  rng = np.random.default_rng(0)
-  ids = rng.integers(0, CFG.vocab_size, (3, 6))
-  mask = np.ones((3, 6), np.int32)
-  mask[1, 4:] = 0
-  mask[2, 1:] = 0
   return theta0, ids, mask
-
-
-def _valid(x, mask):
-  return np.asarray(x)[mask.astype(bool)]
 
 
 def _np_mlp(phi):
@@ -57,7 +46,7 @@ def test_forward_equals_explicit_concatenation(setup):
   got = _bert(theta0["bert"], CFG, ids, mask, prefix=pre)
   ref = np_bert(theta0["bert"], CFG, ids, mask,
                 prefix=[(np.asarray(phi["key"][i]), np.asarray(phi["value"][i])) for i in range(L)])
-  np.testing.assert_allclose(_valid(got, mask), _valid(ref, mask), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(valid(got, mask), valid(ref, mask), rtol=1e-4, atol=1e-4)
   # The prefix matters, even for the row whose only real token is [CLS].
   base = _bert(theta0["bert"], CFG, ids, mask)
   assert np.abs(np.asarray(got - base))[2, 0].max() > 1e-2

