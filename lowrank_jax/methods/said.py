@@ -45,6 +45,7 @@ from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lowrank_jax import lazy, tree as tree_lib
 from lowrank_jax.reparam import Reparam
@@ -54,23 +55,41 @@ __all__ = ["fwht", "FastfoodParams", "fastfood_params", "fastfood", "intrinsic_s
 PyTree = Any
 
 
+_FWHT_RADIX = 5  # butterflies of 2^5 = 32 points as small GEMMs (3x faster than radix 2 on CPU)
+
+
+def _sylvester(m: int, dtype) -> jax.Array:
+  h = np.ones((1, 1), np.float32)
+  while h.shape[0] < m:
+    h = np.block([[h, h], [h, -h]])
+  return jnp.asarray(h, dtype)
+
+
 def fwht(x: jax.Array) -> jax.Array:
   """Unnormalised fast Walsh-Hadamard transform over the last axis: ``x @ H_L``.
 
   ``L = x.shape[-1]`` must be a power of two; ``H`` is Sylvester-ordered
-  (``H_2n = [[H_n, H_n], [H_n, -H_n]]``, as ``scipy.linalg.hadamard``). ``O(L log L)``.
+  (``H_2n = [[H_n, H_n], [H_n, -H_n]]``, as ``scipy.linalg.hadamard``). ``O(L log L)``:
+  as ``H_L = H_{m_1} ⊗ ... ⊗ H_{m_k}`` with ``m_i <= 32``, the last axis is viewed as
+  ``[m_1, ..., m_k]`` and each factor is one small matmul (``L · Σ m_i`` multiply-adds in
+  ``⌈log2 L / 5⌉`` passes over memory instead of ``log2 L`` butterfly passes), at full
+  float32 precision on every backend.
   """
   n = x.shape[-1]
   if n < 1 or n & (n - 1):
     raise ValueError(f"fwht needs a power-of-two length, got {n} (shape {x.shape})")
   lead = x.shape[:-1]
-  h = 1
-  while h < n:
-    y = x.reshape(lead + (n // (2 * h), 2, h))
-    a, b = y[..., 0, :], y[..., 1, :]
-    x = jnp.stack([a + b, a - b], axis=-2).reshape(lead + (n,))
-    h *= 2
-  return x
+  k, ms = n.bit_length() - 1, []
+  while k > 0:
+    c = min(_FWHT_RADIX, k)
+    ms.append(1 << c)
+    k -= c
+  y = x.reshape((-1,) + tuple(ms))
+  for i, m in enumerate(ms):
+    y = jnp.tensordot(y, _sylvester(m, x.dtype), axes=[[1 + i], [0]],
+                      precision=jax.lax.Precision.HIGHEST)
+    y = jnp.moveaxis(y, -1, 1 + i)
+  return y.reshape(lead + (n,))
 
 
 class FastfoodParams(NamedTuple):

@@ -13,14 +13,29 @@ import lowrank_jax as lj
 from lowrank_jax.methods import said
 
 
-@pytest.mark.parametrize("n", [1, 2, 4, 8, 32, 128])
+@pytest.mark.parametrize("n", [1, 2, 4, 8, 32, 64, 128, 2048, 4096])
 def test_fwht_equals_dense_hadamard(n):
   x = np.random.default_rng(n).normal(size=(3, n)).astype(np.float32)
-  np.testing.assert_allclose(said.fwht(jnp.asarray(x)), x @ scipy.linalg.hadamard(n), rtol=1e-5, atol=1e-4)
+  tol = 1e-5 * max(np.sqrt(n), 10.0)  # entries grow like sqrt(n); float64 reference
+  ref = x.astype(np.float64) @ scipy.linalg.hadamard(n)
+  np.testing.assert_allclose(said.fwht(jnp.asarray(x)), ref, rtol=1e-5, atol=tol)
   # H H = n I
-  np.testing.assert_allclose(said.fwht(said.fwht(jnp.asarray(x))), n * x, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(said.fwht(said.fwht(jnp.asarray(x))), n * x, rtol=1e-5, atol=tol * np.sqrt(n))
   with pytest.raises(ValueError, match="power-of-two"):
     said.fwht(jnp.ones(6))
+
+
+def test_fwht_shapes_and_gradient():
+  """Any leading shape; H is symmetric, so the VJP of x -> x H is c -> c H."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 3, 256)).astype(np.float32)
+  H = scipy.linalg.hadamard(256)
+  np.testing.assert_allclose(said.fwht(jnp.asarray(x)), x @ H, rtol=1e-5, atol=1e-4)
+  v = rng.normal(size=512).astype(np.float32)
+  np.testing.assert_allclose(said.fwht(jnp.asarray(v)), v @ scipy.linalg.hadamard(512), rtol=1e-5, atol=1e-4)
+  c = rng.normal(size=x.shape).astype(np.float32)
+  g = jax.grad(lambda x: jnp.sum(said.fwht(x) * c))(jnp.asarray(x))
+  np.testing.assert_allclose(g, c @ H, rtol=1e-5, atol=1e-4)
 
 
 def _dense_fastfood(params: said.FastfoodParams, d_out: int, d: int) -> np.ndarray:
