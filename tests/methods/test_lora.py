@@ -148,13 +148,14 @@ def test_pissa_olora_preserve_weights(init):
 
 @settings(max_examples=12, deadline=None, phases=(Phase.explicit, Phase.reuse, Phase.generate))
 @given(d_in=st.integers(2, 40), d_out=st.integers(2, 40), rank_frac=st.floats(0.01, 1.0),
-       batch=st.integers(1, 5), seed=st.integers(0, 2**16))
-def test_lazy_equals_dense_property(d_in, d_out, rank_frac, batch, seed):
+       batch=st.integers(1, 5), seed=st.integers(0, 2**16),
+       mode=st.sampled_from(["factored", "merged"]))
+def test_lazy_equals_dense_property(d_in, d_out, rank_frac, batch, seed, mode):
   rank = max(1, int(rank_frac * min(d_in, d_out)))
   key = jax.random.key(seed)
   kw, kx, ka, kb = jax.random.split(key, 4)
   theta0 = {"w": jax.random.normal(kw, (d_in, d_out))}
-  reparam = lj.lora("w", rank=rank, alpha=2 * rank)
+  reparam = lj.lora("w", rank=rank, alpha=2 * rank, matmul=mode)
   phi = {"w": {"a": jax.random.normal(ka, (d_in, rank)) / np.sqrt(d_in),
                "b": jax.random.normal(kb, (rank, d_out)) / np.sqrt(rank)}}
   x = jax.random.normal(kx, (batch, d_in)) / np.sqrt(d_in)
@@ -200,6 +201,34 @@ def test_lazy_backward_has_no_dense_weight_gradient():
 
   assert (d_in, d_out) not in shapes(True)
   assert (d_in, d_out) in shapes(False)  # the reference path does form it
+
+
+def test_merged_matmul_equals_factored_with_every_gradient():
+  """matmul="merged": same output and A/B gradients as the factored form on a 3-d input;
+  the base gradient (when the base is differentiated too) is the dense one; dropout and
+  quantized bases fall back to the factored form; a bad mode names the options."""
+  k = jax.random.split(jax.random.key(0), 4)
+  theta0 = {"w": jax.random.normal(k[0], (24, 20))}
+  x = jax.random.normal(k[1], (2, 5, 24)) / np.sqrt(24)
+  phi = {"w": {"a": jax.random.normal(k[2], (24, 4)) / np.sqrt(24), "b": jax.random.normal(k[3], (4, 20))}}
+
+  def loss(phi, theta0, mode, rng=None, dropout=0.0):
+    w = lj.lora("w", rank=4, alpha=8, matmul=mode, dropout=dropout).apply(theta0, phi, rng=rng)["w"]
+    return jnp.sum(jnp.tanh(lj.dot(x, w)))
+
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=(2, 4))
+  g_f, g_m = grad(phi, theta0, "factored"), grad(phi, theta0, "merged")
+  chex.assert_trees_all_close(g_m, g_f, rtol=1e-5, atol=1e-5)
+  w = np.asarray(theta0["w"]) + 2.0 * np.asarray(phi["w"]["a"]) @ np.asarray(phi["w"]["b"])
+  gy = (1 - np.tanh(np.asarray(x) @ w) ** 2).reshape(-1, 20)
+  np.testing.assert_allclose(g_m[1]["w"], np.asarray(x).reshape(-1, 24).T @ gy, rtol=1e-4, atol=1e-4)
+  rng = jax.random.key(5)
+  np.testing.assert_allclose(loss(phi, theta0, "merged", rng, 0.5), loss(phi, theta0, "factored", rng, 0.5),
+                             rtol=1e-6)
+  q = lj.quantize(theta0, "w", codec="nf4", block_size=16)
+  np.testing.assert_allclose(loss(phi, q, "merged"), loss(phi, q, "factored"), rtol=1e-5)
+  with pytest.raises(ValueError, match="matmul mode 'fused'.*factored.*merged"):
+    lj.lora("w", rank=4, matmul="fused")
 
 
 def test_dropout_only_through_lazy_matmul():
