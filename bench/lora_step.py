@@ -7,10 +7,11 @@ batch and thread count, side by side in one run.
 Setup as in shared/notes/anchor_figures.md: all-MiniLM-L6-v2, batch 32, sequence 64,
 random ids over the vocabulary, no padding, 3-class head on [CLS], AdamW (lr 1e-4,
 weight decay 0.01, eps 1e-8: torch's defaults), LoRA r=8 alpha=16 on query+value.
-One more row runs the same LoRA step with ``bert_forward(last_layer_positions=(0,))``: the
-last layer computes only the [CLS] row the head reads (same logits and gradients; peft's
-model computes all 64), reported beside, not instead of, the like-for-like row; and one with ``lj.lora(...,
-matmul="merged")`` (forward and input gradient through ``W0 + s A B``, factored A/B grads).
+Two more rows, reported beside (not instead of) the like-for-like one: the same LoRA step
+with ``bert_forward(last_layer_positions=(0,))`` (the last layer computes only the [CLS] row
+the head reads: same logits and gradients; peft's model computes all 64), and with
+``lj.lora(..., matmul="merged")`` (forward and input gradient through ``W0 + s A B``,
+factored A/B gradients).
 Each figure is the median of ``--steps`` timed steps after 2 warm-up steps.
 """
 

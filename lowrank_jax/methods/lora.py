@@ -159,8 +159,8 @@ def lora(where: tree_lib.Where, rank: int = 8, alpha: Optional[float] = None, *,
     matmul: how our models multiply the lazy weight. ``"factored"`` (default):
       ``x W0 + s (x A) B``, nothing of size ``[in, out]`` formed. ``"merged"``:
       ``x (W0 + s A B)`` forward and input gradient with factored ``A``/``B`` gradients
-      (one GEMM instead of a GEMM and two skinny matmuls; 15-20% faster MiniLM steps on
-      XLA:CPU, ``bench.lora_step``); it forms the ``[in, out]`` update transiently, so for
+      (one GEMM instead of a GEMM and two skinny matmuls; MiniLM steps 8-9% faster on
+      XLA:CPU in paired ``bench.lora_step`` runs); it forms the ``[in, out]`` update transiently, so for
       large weights and few rows ``"factored"`` is cheaper. Quantized bases and active
       dropout always use the factored form. Same values and gradients (tested).
 
