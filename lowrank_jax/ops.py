@@ -7,7 +7,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-__all__ = ["dropout", "keep_probability"]
+__all__ = ["dropout", "dropout_mask", "keep_probability"]
 
 _LEVELS = 1 << 16
 
@@ -15,6 +15,23 @@ _LEVELS = 1 << 16
 def keep_probability(rate: float) -> float:
   """The exact keep probability :func:`dropout` uses: ``round((1 - rate) 2^16) / 2^16``."""
   return round((1.0 - rate) * _LEVELS) / _LEVELS
+
+
+def dropout_mask(rng: jax.Array, shape: tuple[int, ...], rate: float
+                 ) -> tuple[Optional[jax.Array], float]:
+  """``(keep, scale)`` of :func:`dropout`: a boolean keep mask of ``shape`` (``None`` when
+  nothing is dropped) and the inverse keep probability the kept values are scaled by.
+
+  Deterministic in ``rng``, so a backward pass can redraw the forward's mask instead of
+  storing it.
+  """
+  if not 0.0 <= rate < 1.0:
+    raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
+  threshold = round((1.0 - rate) * _LEVELS)
+  if rate == 0.0 or threshold >= _LEVELS:
+    return None, 1.0
+  keep = jax.random.bits(rng, shape, jnp.uint16) < jnp.uint16(threshold)
+  return keep, _LEVELS / threshold
 
 
 def dropout(x: jax.Array, rate: float, rng: Optional[jax.Array]) -> jax.Array:
@@ -28,11 +45,7 @@ def dropout(x: jax.Array, rate: float, rng: Optional[jax.Array]) -> jax.Array:
   """
   if rng is None or rate == 0.0:
     return x
-  if not 0.0 <= rate < 1.0:
-    raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
-  threshold = round((1.0 - rate) * _LEVELS)
-  if threshold >= _LEVELS:
+  keep, scale = dropout_mask(rng, x.shape, rate)
+  if keep is None:
     return x
-  keep = jax.random.bits(rng, x.shape, jnp.uint16) < jnp.uint16(threshold)
-  scale = jnp.asarray(_LEVELS / threshold, x.dtype)
-  return jnp.where(keep, x * scale, jnp.zeros((), x.dtype))
+  return jnp.where(keep, x * jnp.asarray(scale, x.dtype), jnp.zeros((), x.dtype))

@@ -52,7 +52,6 @@ from typing import Any, Literal, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from lowrank_jax.interop import hf
 from lowrank_jax.models import layers
@@ -272,7 +271,7 @@ def bert_forward(params: PyTree, config: BertConfig, input_ids: jax.Array,
                  deterministic: bool = True, rng: Optional[jax.Array] = None,
                  prefix: Optional[Sequence[Any]] = None,
                  position_offset: Optional[int] = None,
-                 attention_impl: Literal["auto", "einsum", "dpa"] = "auto",
+                 attention_impl: Literal["auto", "vjp", "einsum", "dpa"] = "auto",
                  last_layer_positions: Optional[Sequence[int]] = None) -> jax.Array:
   """BERT encoder forward pass; returns ``last_hidden_state`` ``[B, T, D]``.
 
@@ -288,8 +287,8 @@ def bert_forward(params: PyTree, config: BertConfig, input_ids: jax.Array,
     rng: PRNG key for dropout.
     prefix: per-layer ``(P_K, P_V)`` or ``None`` (prefix tuning; see the module docstring).
     position_offset: first position id; defaults to the prefix length (HF behaviour) or 0.
-    attention_impl: ``"auto"`` (fused ``dot_product_attention`` without dropout, einsum
-      with it), ``"einsum"`` or ``"dpa"``.
+    attention_impl: see :func:`lowrank_jax.models.attention.attention` (``"auto"``:
+      the ``dpa`` forward, a closed-form backward when differentiated).
     last_layer_positions: token positions whose final hidden states the caller reads,
       e.g. ``(0,)`` for a ``[CLS]`` head. The last layer then computes queries, attention
       output, feed-forward and layer norms for those rows only (keys and values from all

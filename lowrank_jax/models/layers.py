@@ -13,19 +13,20 @@ Shapes: activations are ``[..., features]``; attention takes ``q [B, T, H, D]`` 
 Formulation notes (XLA:CPU, measured on MiniLM): layer norm statistics are taken
 without ``keepdims`` and broadcast once, with ``rsqrt(var + eps) * scale`` grouped
 into one multiplier; this avoids large backward fusions (~10% on a LoRA step).
-``jax.nn.dot_product_attention`` is faster for inference, the explicit einsum
-attention for training steps (and it supports attention-probability dropout).
+Attention lives in :mod:`lowrank_jax.models.attention` (re-exported here): the
+``dpa`` forward for inference, an explicit closed-form backward for training.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Literal, Mapping, Optional
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 
 from lowrank_jax import lazy
+from lowrank_jax.models.attention import attention
 from lowrank_jax.ops import dropout
 
 __all__ = [
@@ -44,7 +45,6 @@ __all__ = [
 ]
 
 Params = Mapping[str, Any]
-AttentionImpl = Literal["auto", "einsum", "dpa"]
 
 
 def _stat_dtype(dtype):
@@ -135,57 +135,6 @@ def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
 def merge_heads(x: jax.Array) -> jax.Array:
   """``[B, T, H, D]`` -> ``[B, T, H*D]``."""
   return x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
-
-
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, *,
-              mask: Optional[jax.Array] = None, causal: bool = False,
-              dropout_rate: float = 0.0, rng: Optional[jax.Array] = None,
-              impl: AttentionImpl = "auto") -> jax.Array:
-  """Scaled dot-product attention ``softmax(q k^T / sqrt(D) + masking) v``.
-
-  Args:
-    q: ``[B, T, H, D]`` queries.
-    k, v: ``[B, S, K, D]`` keys and values; ``K`` must divide ``H`` (GQA).
-    mask: boolean, broadcastable to ``[B, H, T, S]``; ``True`` = may attend.
-    causal: additionally mask keys after the query position. With ``S > T`` (e.g. a
-      prefix or cache) query ``t`` sees keys ``<= t + S - T``.
-    dropout_rate, rng: dropout on the attention probabilities (einsum path only).
-    impl: ``"dpa"`` (``jax.nn.dot_product_attention``), ``"einsum"``, or ``"auto"``:
-      ``dpa`` without dropout, ``einsum`` with it.
-
-  Returns:
-    ``[B, T, H, D]`` in ``q.dtype``.
-  """
-  b, t, h, d = q.shape
-  s, kh = k.shape[1], k.shape[2]
-  if h % kh:
-    raise ValueError(f"attention: {h} query heads not divisible by {kh} key/value heads")
-  training = rng is not None and dropout_rate > 0.0
-  if impl == "auto":
-    impl = "einsum" if training else "dpa"
-  if causal:
-    offset = s - t
-    cmask = jnp.arange(s)[None, :] <= (jnp.arange(t)[:, None] + offset)
-    mask = cmask[None, None] if mask is None else jnp.logical_and(mask, cmask[None, None])
-  if impl == "dpa":
-    if training:
-      raise ValueError("attention impl 'dpa' has no dropout; use impl='einsum' or 'auto'")
-    if mask is not None:
-      mask = jnp.broadcast_to(mask, (b, h, t, s))
-    return jax.nn.dot_product_attention(q, k, v, mask=mask)
-  if impl != "einsum":
-    raise ValueError(f"unknown attention impl {impl!r}; expected auto, einsum or dpa")
-  g = h // kh
-  qg = q.reshape(b, t, kh, g, d)
-  logits = jnp.einsum("btkgd,bskd->bkgts", qg, k) * jnp.asarray(d ** -0.5, q.dtype)
-  logits = logits.astype(_stat_dtype(q.dtype))
-  if mask is not None:
-    m = jnp.broadcast_to(mask, (b, h, t, s)).reshape(b, kh, g, t, s)
-    logits = jnp.where(m, logits, jnp.finfo(logits.dtype).min)
-  probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
-  probs = dropout(probs, dropout_rate, rng)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-  return out.reshape(b, t, h, d)
 
 
 def bottleneck_adapter(p: Params, h: jax.Array, activation: str = "relu") -> jax.Array:

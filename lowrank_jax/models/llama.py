@@ -185,7 +185,7 @@ def _block(p: PyTree, c: LlamaConfig, x, cos, sin, key_mask, impl):
 def llama_hidden(params: PyTree, config: LlamaConfig, tokens: jax.Array, *,
                  positions: Optional[jax.Array] = None,
                  attention_mask: Optional[jax.Array] = None, remat: bool = False,
-                 attention_impl: Literal["auto", "einsum", "dpa"] = "auto") -> jax.Array:
+                 attention_impl: Literal["auto", "vjp", "einsum", "dpa"] = "auto") -> jax.Array:
   """Final-norm hidden states ``[B, T, D]`` (see :func:`llama_forward` for the arguments)."""
   tokens = jnp.asarray(tokens)
   b, t = tokens.shape
@@ -205,7 +205,7 @@ def llama_hidden(params: PyTree, config: LlamaConfig, tokens: jax.Array, *,
 def llama_forward(params: PyTree, config: LlamaConfig, tokens: jax.Array, *,
                   positions: Optional[jax.Array] = None,
                   attention_mask: Optional[jax.Array] = None, remat: bool = False,
-                  attention_impl: Literal["auto", "einsum", "dpa"] = "auto") -> jax.Array:
+                  attention_impl: Literal["auto", "vjp", "einsum", "dpa"] = "auto") -> jax.Array:
   """Next-token logits ``[B, T, V]`` of a causal decoder.
 
   Args:
