@@ -6,7 +6,8 @@ batch and thread count, side by side in one run.
 
 Setup as in shared/notes/anchor_figures.md: all-MiniLM-L6-v2, batch 32, sequence 64,
 random ids over the vocabulary, no padding, 3-class head on [CLS], AdamW (lr 1e-4,
-weight decay 0.01, eps 1e-8: torch's defaults), LoRA r=8 alpha=16 on query+value.
+weight decay 0.01, eps 1e-8: torch's defaults), LoRA r=8 alpha=16 on query+value; ``--dropout``
+is the model's hidden and attention dropout and LoRA's adapter-input dropout, on both sides.
 Two more rows, reported beside (not instead of) the like-for-like one: the same LoRA step
 with ``bert_forward(last_layer_positions=(0,))`` (the last layer computes only the [CLS] row
 the head reads: same logits and gradients; peft's model computes all 64), and with
@@ -101,12 +102,14 @@ def jax_figures(ids: np.ndarray, labels: np.ndarray, dropout: float, steps: int)
 
   opt = optax.adamw(1e-4, eps=1e-8, weight_decay=0.01)
   out = {}
-  lora = lj.lora(r"(query|value)/kernel", rank=8, alpha=16)
+  # LoRA dropout on the adapter input as peft's lora_dropout (same rate as the model's).
+  lora = lj.lora(r"(query|value)/kernel", rank=8, alpha=16, dropout=dropout)
   variants = {
     "full fine-tune": lj.full(None),
     "LoRA r8 q,v (materialised)": None,
     "LoRA r8 q,v (lazy, ours)": lj.chain(lora, lj.full(r"^head/")),
-    MERGED: lj.chain(lj.lora(r"(query|value)/kernel", rank=8, alpha=16, matmul="merged"),
+    MERGED: lj.chain(lj.lora(r"(query|value)/kernel", rank=8, alpha=16, dropout=dropout,
+                             matmul="merged"),
                      lj.full(r"^head/")),
   }
   materialised = lj.chain(lora, lj.full(r"^head/"))

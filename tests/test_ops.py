@@ -31,3 +31,18 @@ def test_dropout_identity_cases_and_errors():
     ops.dropout(x, 1.0, jax.random.key(0))
   y = ops.dropout(x.astype(jnp.bfloat16), 0.5, jax.random.key(1))
   assert y.dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (4, 6), (7,)])
+def test_dropout_mask_takes_two_16_bit_halves_per_32_bit_draw(shape):
+  key = jax.random.key(3)
+  keep, scale = ops.dropout_mask(key, shape, 0.25)
+  n = int(np.prod(shape))
+  words = np.asarray(jax.random.bits(key, ((n + 1) // 2,), jnp.uint32))
+  halves = words.view(np.uint16)[:n].reshape(shape)  # little-endian: low half first, as XLA
+  threshold = round(0.75 * 2**16)
+  np.testing.assert_array_equal(np.asarray(keep), halves < threshold)
+  assert scale == 2**16 / threshold
+  # deterministic in the key (a backward pass redraws the forward's mask)
+  np.testing.assert_array_equal(np.asarray(ops.dropout_mask(key, shape, 0.25)[0]), np.asarray(keep))
+  assert ops.dropout_mask(key, shape, 0.0) == (None, 1.0)
