@@ -15,12 +15,10 @@ the head reads: same logits and gradients; peft's model computes all 64), and wi
 factored A/B gradients).
 Each figure is the median of ``--steps`` timed steps after 2 warm-up steps.
 
-The last lines give the GEMM floor: the FLOPs of our LoRA step (XLA's cost analysis of
-the compiled step) divided by the GEMM rate measured in the same run on the step's own
-matmul shapes (one encoder layer's forward and input-gradient GEMMs), for XLA and for
-torch. No schedule of the step's arithmetic can run faster than its floor, so it says
-how far each side is from its matmul library, and which step-time ratios are reachable
-at all on the machine.
+The last lines give the step's matmul floor in the same run (``bench.gemm_floor``: every
+GEMM of the LoRA step timed alone, summed), for XLA and torch, beside the step's total
+FLOPs from XLA's cost analysis: no schedule of the step can beat its floor on the same
+backend, so it says which step-time ratios are reachable at all on the machine.
 """
 
 from __future__ import annotations
@@ -30,52 +28,13 @@ import os
 
 import numpy as np
 
-from bench import first_and_median, median_time
+from bench import first_and_median, gemm_floor, median_time
 
 B, T, N_CLASSES = 32, 64, 3
 CLS_ONLY = "LoRA r8 q,v (lazy, last layer at [CLS] only)"
 MERGED = 'LoRA r8 q,v (lazy, matmul="merged")'
 
 
-
-
-def layer_gemms(rows: int, hidden: int, ffn: int) -> list[tuple[int, int, int, bool]]:
-  """One encoder layer's dense GEMMs in a LoRA step: ``(m, k, n, transposed)`` for the
-  forward ``x W`` of query, key, value, output and the two feed-forward kernels, and the
-  input gradient ``dy W^T`` of each (frozen kernels get no weight gradient)."""
-  fwd = [(rows, hidden, hidden)] * 4 + [(rows, hidden, ffn), (rows, ffn, hidden)]
-  return [(m, k, n, False) for m, k, n in fwd] + [(m, n, k, True) for m, k, n in fwd]
-
-
-def gemm_flops(gemms) -> float:
-  return float(sum(2 * m * k * n for m, k, n, _ in gemms))
-
-
-def gemm_rate(matmul, gemms, steps: int) -> float:
-  """FLOP/s of ``matmul(a, w, transposed)`` (``a @ w`` or ``a @ w.T``, blocking) over
-  ``gemms``: total FLOPs over the summed median times of each shape."""
-  rng = np.random.default_rng(0)
-  total = 0.0
-  for m, k, n, transposed in sorted(set(gemms)):
-    a = rng.standard_normal((m, k), dtype=np.float32)
-    w = rng.standard_normal((n, k) if transposed else (k, n), dtype=np.float32)
-    fn = matmul(a, w, transposed)
-    total += gemms.count((m, k, n, transposed)) * median_time(fn, steps)
-  return gemm_flops(gemms) / total
-
-
-def jax_matmul(a, w, transposed):
-  import jax
-  import jax.numpy as jnp
-  f = jax.jit(lambda a, w: a @ w.T if transposed else a @ w)
-  a, w = jnp.asarray(a), jnp.asarray(w)
-  return lambda: jax.block_until_ready(f(a, w))
-
-
-def torch_matmul(a, w, transposed):
-  import torch
-  a, w = torch.from_numpy(a), torch.from_numpy(w)
-  return (lambda: a @ w.T) if transposed else (lambda: a @ w)
 
 
 def jax_figures(ids: np.ndarray, labels: np.ndarray, dropout: float, steps: int) -> dict:
@@ -204,13 +163,14 @@ def main(argv=None) -> None:
   labels = rng.integers(0, N_CLASSES, (B,)).astype(np.int32)
   rows = jax_figures(ids, labels, a.dropout, a.steps)
   flops = rows.pop("flops")
-  gemms = layer_gemms(B * T, 384, 1536)
-  rates = {"XLA": gemm_rate(jax_matmul, gemms, a.steps)}
+  counts = [c for *_, c in gemm_floor.gemms()]
+  gemm_gflop = sum(c * gemm_floor.flops(x, y) for _, x, y, c in gemm_floor.gemms()) / 1e9
+  floors = {"XLA": float(np.dot(counts, gemm_floor.xla_times(a.steps)))}
   ref = {}
   if not a.no_torch:
     try:
       ref = torch_figures(ids.astype(np.int64), labels, a.dropout, a.steps, a.threads)
-      rates["torch"] = gemm_rate(torch_matmul, gemms, a.steps)
+      floors["torch"] = float(np.dot(counts, gemm_floor.torch_times(a.steps, a.threads)))
     except ImportError as e:
       print(f"(torch/peft not installed: {e}; reference columns skipped)")
   print(f"\nMiniLM-L6 step, B={B} T={T}, dropout {a.dropout}, median of {a.steps} steps after 2 warm-up, "
@@ -231,14 +191,12 @@ def main(argv=None) -> None:
           f"{rows[CLS_ONLY][0] / ref['peft LoRA r8 q,v'][0]:.2f} (same logits and gradients, fewer FLOPs)")
     print(f"ours full / torch full: {rows['full fine-tune'][0] / ref['torch full fine-tune'][0]:.2f}")
     print(f"ours forward / torch forward: {rows['frozen forward'][0] / ref['torch frozen forward'][0]:.2f}")
-  print(f"\nGEMM floor of our LoRA step: {flops / 1e9:.1f} GFLOP (XLA cost analysis); GEMM rate on the "
-        f"step's shapes ({len(gemms)} per layer, {gemm_flops(gemms) / 1e9:.2f} GFLOP):")
-  for lib, r in rates.items():
-    print(f"  {lib}: {r / 1e9:.0f} GFLOP/s -> floor {flops / r:.3f} s")
+  print(f"\nour LoRA step: {flops / 1e9:.1f} GFLOP (XLA cost analysis), {gemm_gflop:.1f} GFLOP of them in "
+        f"GEMMs; matmul floor (bench.gemm_floor, each GEMM alone, summed): "
+        + ", ".join(f"{lib} {t:.3f} s ({gemm_gflop / t:.0f} GFLOP/s)" for lib, t in floors.items()))
   if ref:
     target = 0.8 * ref["peft LoRA r8 q,v"][0]
-    print(f"  0.8 x peft LoRA = {target:.3f} s: {'below' if target < flops / rates['XLA'] else 'above'} "
-          f"our floor at XLA's GEMM rate ({target * rates['XLA'] / flops:.2f} x floor)")
+    print(f"0.8 x peft LoRA = {target:.3f} s = {target / floors['XLA']:.2f} x our matmul floor on XLA")
 
 
 if __name__ == "__main__":

@@ -68,26 +68,27 @@ def _vjp_attention(qg, k, v, mask, rate, rng):
   return _einsum(qg, k, v, mask, rate, rng)
 
 
+def _masked(x, keep, scale):
+  return x if keep is None else jnp.where(keep, x * jnp.asarray(scale, x.dtype), jnp.zeros((), x.dtype))
+
+
+def _dropped(probs, dtype, rate, rng):
+  """``(P~, keep, scale)``: the probabilities after dropout (redrawn from ``rng``)."""
+  keep, scale = (None, 1.0) if rng is None else dropout_mask(rng, probs.shape, rate)
+  return _masked(probs.astype(dtype), keep, scale), keep, scale
+
+
 def _vjp_fwd(qg, k, v, mask, rate, rng):
   probs = _probs(qg, k, mask)
-  keep, scale = (None, 1.0) if rng is None else dropout_mask(rng, probs.shape, rate)
-  p = probs.astype(qg.dtype)
-  if keep is not None:
-    p = jnp.where(keep, p * jnp.asarray(scale, p.dtype), jnp.zeros((), p.dtype))
-  out = jnp.einsum("bkgts,bskd->btkgd", p, v)
-  return out, (qg, k, v, mask, rng, probs)
+  p, _, _ = _dropped(probs, qg.dtype, rate, rng)
+  return jnp.einsum("bkgts,bskd->btkgd", p, v), (qg, k, v, mask, rng, probs)
 
 
 def _vjp_bwd(rate, res, d_out):
   qg, k, v, mask, rng, probs = res
-  keep, scale = (None, 1.0) if rng is None else dropout_mask(rng, probs.shape, rate)
-  p = probs.astype(qg.dtype)
-  if keep is not None:
-    p = jnp.where(keep, p * jnp.asarray(scale, p.dtype), jnp.zeros((), p.dtype))
+  p, keep, scale = _dropped(probs, qg.dtype, rate, rng)
   dv = jnp.einsum("bkgts,btkgd->bskd", p, d_out)
-  dp = jnp.einsum("btkgd,bskd->bkgts", d_out, v).astype(probs.dtype)
-  if keep is not None:
-    dp = jnp.where(keep, dp * jnp.asarray(scale, dp.dtype), jnp.zeros((), dp.dtype))
+  dp = _masked(jnp.einsum("btkgd,bskd->bkgts", d_out, v).astype(probs.dtype), keep, scale)
   ds = probs * (dp - jnp.sum(dp * probs, axis=-1, keepdims=True))
   if mask is not None:
     ds = jnp.where(mask, ds, jnp.zeros((), ds.dtype))
