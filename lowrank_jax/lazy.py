@@ -24,7 +24,7 @@ once, as :func:`factored_matmul`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import jax
 import jax.numpy as jnp
@@ -99,6 +99,20 @@ class BaseLazyWeight(LazyWeight):
   @property
   def dtype(self):
     return self.base.dtype
+
+
+class WrappingLazyWeight(LazyWeight):
+  """A lazy weight with the shape and dtype of the field named by ``inner`` (e.g. a
+  quantized ``base``, or the LoRA weight a DoRA weight rescales)."""
+  inner: ClassVar[str] = "base"
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return getattr(self, self.inner).shape
+
+  @property
+  def dtype(self):
+    return getattr(self, self.inner).dtype
 
 
 def is_lazy(x) -> bool:

@@ -68,7 +68,7 @@ def dora_column_norm(w0: jax.Array, a: jax.Array, b: jax.Array, scale: Any) -> j
 
 
 @lazy.pytree_dataclass
-class DoRAWeight(lazy.LazyWeight):
+class DoRAWeight(lazy.WrappingLazyWeight):
   """Lazy ``m ⊙ (W0 + s a b) / ||W0 + s a b||_c`` over a :class:`LoRAWeight`.
 
   ``lora`` carries the base (possibly itself lazy), the factors, the scale and the
@@ -76,14 +76,7 @@ class DoRAWeight(lazy.LazyWeight):
   """
   lora: LoRAWeight
   m: jax.Array
-
-  @property
-  def shape(self):
-    return self.lora.shape
-
-  @property
-  def dtype(self):
-    return self.lora.dtype
+  inner = "lora"
 
   def column_norm(self) -> jax.Array:
     """The detached ``[out]`` norm ``||W0 + s a b||_c`` (a constant for ``jax.grad``)."""

@@ -43,21 +43,13 @@ def group_pool(x: jax.Array, group_size: int) -> jax.Array:
 
 
 @lazy.pytree_dataclass(static=("scale", "group_size"))
-class QALoRAWeight(lazy.LazyWeight):
+class QALoRAWeight(lazy.WrappingLazyWeight):
   """Lazy ``x @ W_q + s (pool(x) @ a) @ b`` over an int-b group-quantized base."""
   base: QuantizedWeight
   a: jax.Array
   b: jax.Array
   scale: float
   group_size: int
-
-  @property
-  def shape(self):
-    return self.base.shape
-
-  @property
-  def dtype(self):
-    return self.base.dtype
 
   def delta(self) -> jax.Array:
     d = self.scale * (self.a @ self.b) / self.group_size
