@@ -8,7 +8,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-__all__ = ["dropout", "dropout_mask", "keep_probability"]
+__all__ = ["apply_dropout_mask", "dropout", "dropout_mask", "keep_probability"]
 
 _LEVELS = 1 << 16
 
@@ -34,6 +34,13 @@ def dropout_mask(rng: jax.Array, shape: tuple[int, ...], rate: float
   return _uint16_bits(rng, shape) < jnp.uint16(threshold), _LEVELS / threshold
 
 
+def apply_dropout_mask(x: jax.Array, keep: Optional[jax.Array], scale: float) -> jax.Array:
+  """``x * keep * scale`` for a :func:`dropout_mask` (``x`` itself when ``keep`` is None)."""
+  if keep is None:
+    return x
+  return jnp.where(keep, x * jnp.asarray(scale, x.dtype), jnp.zeros((), x.dtype))
+
+
 def _uint16_bits(rng: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   """Random ``uint16`` of ``shape``, two from each 32-bit draw: ``jax.random.bits(...,
   jnp.uint16)`` spends a full 32-bit draw per element under the default partitionable
@@ -55,7 +62,4 @@ def dropout(x: jax.Array, rate: float, rng: Optional[jax.Array]) -> jax.Array:
   """
   if rng is None or rate == 0.0:
     return x
-  keep, scale = dropout_mask(rng, x.shape, rate)
-  if keep is None:
-    return x
-  return jnp.where(keep, x * jnp.asarray(scale, x.dtype), jnp.zeros((), x.dtype))
+  return apply_dropout_mask(x, *dropout_mask(rng, x.shape, rate))

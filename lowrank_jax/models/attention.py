@@ -31,7 +31,7 @@ from typing import Literal, Optional
 import jax
 import jax.numpy as jnp
 
-from lowrank_jax.ops import dropout, dropout_mask
+from lowrank_jax.ops import apply_dropout_mask, dropout, dropout_mask
 
 __all__ = ["attention", "AttentionImpl"]
 
@@ -68,14 +68,10 @@ def _vjp_attention(qg, k, v, mask, rate, rng):
   return _einsum(qg, k, v, mask, rate, rng)
 
 
-def _masked(x, keep, scale):
-  return x if keep is None else jnp.where(keep, x * jnp.asarray(scale, x.dtype), jnp.zeros((), x.dtype))
-
-
 def _dropped(probs, dtype, rate, rng):
   """``(P~, keep, scale)``: the probabilities after dropout (redrawn from ``rng``)."""
   keep, scale = (None, 1.0) if rng is None else dropout_mask(rng, probs.shape, rate)
-  return _masked(probs.astype(dtype), keep, scale), keep, scale
+  return apply_dropout_mask(probs.astype(dtype), keep, scale), keep, scale
 
 
 def _vjp_fwd(qg, k, v, mask, rate, rng):
@@ -88,7 +84,7 @@ def _vjp_bwd(rate, res, d_out):
   qg, k, v, mask, rng, probs = res
   p, keep, scale = _dropped(probs, qg.dtype, rate, rng)
   dv = jnp.einsum("bkgts,btkgd->bskd", p, d_out)
-  dp = _masked(jnp.einsum("btkgd,bskd->bkgts", d_out, v).astype(probs.dtype), keep, scale)
+  dp = apply_dropout_mask(jnp.einsum("btkgd,bskd->bkgts", d_out, v).astype(probs.dtype), keep, scale)
   ds = probs * (dp - jnp.sum(dp * probs, axis=-1, keepdims=True))
   if mask is not None:
     ds = jnp.where(mask, ds, jnp.zeros((), ds.dtype))
