@@ -25,3 +25,26 @@ def first_and_median(fn, steps: int, warmup: int = 2) -> tuple[float, float]:
   fn()
   first = time.perf_counter() - t0
   return first, median_time(fn, steps, max(warmup - 1, 0))
+
+
+def interleaved_medians(fns: dict, steps: int, warmup: int = 2) -> dict:
+  """``{name: (first call incl. compile, median)}`` with the calls interleaved: each
+  ``fn`` once (timed alone, its first call), ``warmup - 1`` untimed rounds, then ``steps``
+  timed rounds calling every ``fn`` once in turn. A slow spell of a shared machine then
+  falls on every variant alike instead of on whichever ran in it, which keeps the ratios
+  between the variants honest."""
+  first = {}
+  for name, fn in fns.items():
+    t0 = time.perf_counter()
+    fn()
+    first[name] = time.perf_counter() - t0
+  for _ in range(max(warmup - 1, 0)):
+    for fn in fns.values():
+      fn()
+  times = {name: [] for name in fns}
+  for _ in range(steps):
+    for name, fn in fns.items():
+      t0 = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - t0)
+  return {name: (first[name], float(np.median(times[name]))) for name in fns}

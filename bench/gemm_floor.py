@@ -20,7 +20,7 @@ import os
 
 import numpy as np
 
-from bench import median_time
+from bench import interleaved_medians
 
 B, T, D, F, H, LAYERS, R = 32, 64, 384, 1536, 12, 6, 8
 N = B * T
@@ -52,33 +52,49 @@ def flops(a: tuple[int, ...], b: tuple[int, ...]) -> float:
   return 2.0 * np.prod(a) * b[-1]
 
 
-def xla_times(reps: int) -> list[float]:
+def _operands(a, b):
+  rng = np.random.default_rng(0)
+  return rng.normal(size=a).astype(np.float32), rng.normal(size=b).astype(np.float32)
+
+
+def _xla_matmul(a, b):
   import jax
   import jax.numpy as jnp
 
-  out = []
-  rng = np.random.default_rng(0)
   mm = jax.jit(jnp.matmul)
-  for _, a, b, _ in gemms():
-    x = jnp.asarray(rng.normal(size=a).astype(np.float32))
-    y = jnp.asarray(rng.normal(size=b).astype(np.float32))
-    jax.block_until_ready(mm(x, y))
-    out.append(median_time(lambda: jax.block_until_ready(mm(x, y)), reps))
-  return out
+  x, y = map(jnp.asarray, _operands(a, b))
+  return lambda: jax.block_until_ready(mm(x, y))
 
 
-def torch_times(reps: int, threads: int) -> list[float]:
+def _torch_matmul(a, b):
   import torch
 
-  torch.set_num_threads(threads)
-  out = []
-  rng = np.random.default_rng(0)
+  x, y = map(torch.from_numpy, _operands(a, b))
+  return lambda: torch.matmul(x, y)
+
+
+def gemm_times(reps: int, threads: int, with_torch: bool = True) -> dict[str, list[float]]:
+  """``{"XLA": [...], "torch": [...]}``: median time of each GEMM of :func:`gemms`, the two
+  libraries interleaved call by call (``bench.interleaved_medians``), so a slow spell of
+  the machine does not fall on one side only. ``torch`` is absent without ``with_torch``;
+  importing torch raises ``ImportError`` when it is not installed."""
+  libs = {"XLA": _xla_matmul}
+  if with_torch:
+    import torch
+
+    torch.set_num_threads(threads)
+    libs["torch"] = _torch_matmul
+  out = {lib: [] for lib in libs}
   for _, a, b, _ in gemms():
-    x = torch.tensor(rng.normal(size=a).astype(np.float32))
-    y = torch.tensor(rng.normal(size=b).astype(np.float32))
-    torch.matmul(x, y)
-    out.append(median_time(lambda: torch.matmul(x, y), reps))
+    timed = interleaved_medians({lib: make(a, b) for lib, make in libs.items()}, reps)
+    for lib in libs:
+      out[lib].append(timed[lib][1])
   return out
+
+
+def floor(times: list[float]) -> float:
+  """Seconds per step: each GEMM's time times its count per step, summed."""
+  return float(sum(c * t for (*_, c), t in zip(gemms(), times)))
 
 
 def main(argv=None) -> None:
@@ -87,14 +103,14 @@ def main(argv=None) -> None:
   p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
   p.add_argument("--no-torch", action="store_true")
   a = p.parse_args(argv)
-  ours = xla_times(a.reps)
-  ref = None
-  if not a.no_torch:
-    try:
-      ref = torch_times(a.reps, a.threads)
-    except ImportError as e:
-      print(f"(torch not installed: {e}; reference column skipped)")
-  print(f"\nGEMMs of one MiniLM-L6 LoRA r8 q,v step, B={B} T={T}, median of {a.reps} alone, "
+  try:
+    times = gemm_times(a.reps, a.threads, with_torch=not a.no_torch)
+  except ImportError as e:
+    print(f"(torch not installed: {e}; reference column skipped)")
+    times = gemm_times(a.reps, a.threads, with_torch=False)
+  ours, ref = times["XLA"], times.get("torch")
+  print(f"\nGEMMs of one MiniLM-L6 LoRA r8 q,v step, B={B} T={T}, median of {a.reps} alone "
+        f"(XLA and torch interleaved), "
         f"{a.threads} threads\n")
   print("| GEMM | lhs x rhs | per step | XLA (ms) | XLA GFLOP/s |" + (" torch (ms) |" if ref else ""))
   print("|---|---|---:|---:|---:|" + ("---:|" if ref else ""))

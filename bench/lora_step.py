@@ -13,7 +13,9 @@ with ``bert_forward(last_layer_positions=(0,))`` (the last layer computes only t
 the head reads: same logits and gradients; peft's model computes all 64), and with
 ``lj.lora(..., matmul="merged")`` (forward and input gradient through ``W0 + s A B``,
 factored A/B gradients).
-Each figure is the median of ``--steps`` timed steps after 2 warm-up steps.
+Each figure is the median of ``--steps`` timed rounds after 2 warm-up steps; a round calls
+every variant (ours and torch's) once in turn, so a slow spell of a shared machine falls on
+all of them alike.
 
 The last lines give the step's matmul floor in the same run (``bench.gemm_floor``: every
 GEMM of the LoRA step timed alone, summed), for XLA and torch, beside the step's total
@@ -28,7 +30,7 @@ import os
 
 import numpy as np
 
-from bench import first_and_median, gemm_floor, median_time
+from bench import gemm_floor, interleaved_medians
 
 B, T, N_CLASSES = 32, 64, 3
 CLS_ONLY = "LoRA r8 q,v (lazy, last layer at [CLS] only)"
@@ -37,7 +39,9 @@ MERGED = 'LoRA r8 q,v (lazy, matmul="merged")'
 
 
 
-def jax_figures(ids: np.ndarray, labels: np.ndarray, dropout: float, steps: int) -> dict:
+def jax_runners(ids: np.ndarray, labels: np.ndarray, dropout: float) -> tuple[dict, float]:
+  """``({name: (one blocking step, trainable params)}, flops)``; ``flops()`` is the XLA
+  cost-analysis FLOP count of the lazy LoRA step."""
   import jax
   import jax.numpy as jnp
   import optax
@@ -84,26 +88,34 @@ def jax_figures(ids: np.ndarray, labels: np.ndarray, dropout: float, steps: int)
     step = train.make_train_step(reparam, opt, make_loss((0,) if name == CLS_ONLY else None))
     key = jax.random.key(2)
     holder = [phi, state]
-
-    def run():
-      p, s, m = step(holder[0], holder[1], theta0, batch, key)
-      jax.block_until_ready(m)
-      holder[0], holder[1] = p, s
-
-    first, t = first_and_median(run, steps)
-    out[name] = (t, lj.count_params(phi), first)
+    out[name] = (_jax_step(step, holder, theta0, batch, key), lj.count_params(phi))
     if name == "LoRA r8 q,v (lazy, ours)":
-      cost = step.lower(holder[0], holder[1], theta0, batch, key).compile().cost_analysis()
-      out["flops"] = float((cost[0] if isinstance(cost, list) else cost)["flops"])
+      lazy_step = (step, holder, key)
 
   fwd = jax.jit(lambda t, b: bert.classifier_logits(t["head"], bert.bert_forward(
       t["bert"], config, b["input_ids"], b["attention_mask"])))
-  first, t = first_and_median(lambda: jax.block_until_ready(fwd(theta0, batch)), steps)
-  out["frozen forward"] = (t, 0, first)
-  return out
+  out["frozen forward"] = (lambda: jax.block_until_ready(fwd(theta0, batch)), 0)
+
+  def flops():  # called after the timing, so the first call above includes compilation
+    step, holder, key = lazy_step
+    cost = step.lower(holder[0], holder[1], theta0, batch, key).compile().cost_analysis()
+    return float((cost[0] if isinstance(cost, list) else cost)["flops"])
+  return out, flops
 
 
-def torch_figures(ids: np.ndarray, labels: np.ndarray, dropout: float, steps: int, threads: int) -> dict:
+def _jax_step(step, holder, theta0, batch, key):
+  import jax
+
+  def run():
+    p, s, m = step(holder[0], holder[1], theta0, batch, key)
+    jax.block_until_ready(m)
+    holder[0], holder[1] = p, s
+  return run
+
+
+def torch_runners(ids: np.ndarray, labels: np.ndarray, dropout: float, threads: int) -> dict:
+  """``{name: (one step, trainable params)}`` for torch full fine-tuning, peft LoRA and the
+  eval-mode forward."""
   import torch
   import peft
   import transformers
@@ -137,18 +149,25 @@ def torch_figures(ids: np.ndarray, labels: np.ndarray, dropout: float, steps: in
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
 
-    def run():
-      opt.zero_grad(set_to_none=True)
-      loss = torch.nn.functional.cross_entropy(model(x), y)
-      loss.backward()
-      opt.step()
-
-    first, t = first_and_median(run, steps)
-    out[name] = (t, sum(p.numel() for p in params), first)
+    out[name] = (_torch_step(model, opt, x, y), sum(p.numel() for p in params))
   model = Classifier().eval()
-  with torch.no_grad():
-    out["torch frozen forward"] = (median_time(lambda: model(x), steps), 0, 0.0)
+
+  def forward():
+    with torch.no_grad():
+      model(x)
+
+  out["torch frozen forward"] = (forward, 0)
   return out
+
+
+def _torch_step(model, opt, x, y):
+  import torch
+
+  def run():
+    opt.zero_grad(set_to_none=True)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+  return run
 
 
 def main(argv=None) -> None:
@@ -161,20 +180,26 @@ def main(argv=None) -> None:
   rng = np.random.default_rng(0)
   ids = rng.integers(0, 30522, (B, T)).astype(np.int32)
   labels = rng.integers(0, N_CLASSES, (B,)).astype(np.int32)
-  rows = jax_figures(ids, labels, a.dropout, a.steps)
-  flops = rows.pop("flops")
-  counts = [c for *_, c in gemm_floor.gemms()]
+  runners, step_flops = jax_runners(ids, labels, a.dropout)
   gemm_gflop = sum(c * gemm_floor.flops(x, y) for _, x, y, c in gemm_floor.gemms()) / 1e9
-  floors = {"XLA": float(np.dot(counts, gemm_floor.xla_times(a.steps)))}
-  ref = {}
+  ref_names = []
   if not a.no_torch:
     try:
-      ref = torch_figures(ids.astype(np.int64), labels, a.dropout, a.steps, a.threads)
-      floors["torch"] = float(np.dot(counts, gemm_floor.torch_times(a.steps, a.threads)))
+      ref_runners = torch_runners(ids.astype(np.int64), labels, a.dropout, a.threads)
+      runners.update(ref_runners)
+      ref_names = list(ref_runners)
     except ImportError as e:
       print(f"(torch/peft not installed: {e}; reference columns skipped)")
-  print(f"\nMiniLM-L6 step, B={B} T={T}, dropout {a.dropout}, median of {a.steps} steps after 2 warm-up, "
-        f"{a.threads} threads, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}\n")
+  timed = interleaved_medians({name: run for name, (run, _) in runners.items()}, a.steps)
+  table = {name: (timed[name][1], n, timed[name][0]) for name, (_, n) in runners.items()}
+  rows = {k: v for k, v in table.items() if k not in ref_names}
+  flops = step_flops()
+  floors = {lib: gemm_floor.floor(t) for lib, t in
+            gemm_floor.gemm_times(a.steps, a.threads, with_torch=bool(ref_names)).items()}
+  ref = {k: table[k] for k in ref_names}
+  print(f"\nMiniLM-L6 step, B={B} T={T}, dropout {a.dropout}, median of {a.steps} rounds after 2 warm-up "
+        f"(every variant once per round, interleaved), {a.threads} threads, "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}\n")
   print("| variant | trainable params | step (s) | first call incl. compile (s) |")
   print("|---|---:|---:|---:|")
   for name, (t, n, first) in {**rows, **ref}.items():

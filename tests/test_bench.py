@@ -1,6 +1,6 @@
 """The benchmarks' timing helpers (what they time, not how fast anything is)."""
 
-from bench import first_and_median, median_time
+from bench import first_and_median, interleaved_medians, median_time
 
 
 def _counter():
@@ -23,6 +23,15 @@ def test_first_and_median_counts_the_first_call_as_warmup():
   first_and_median(fn, steps=3, warmup=0)
   assert len(calls) == 1 + 3
 
+
+
+def test_interleaved_medians_alternates_the_variants_round_by_round():
+  order = []
+  fns = {name: (lambda name=name: order.append(name)) for name in ("a", "b", "c")}
+  out = interleaved_medians(fns, steps=3, warmup=2)
+  # first calls (timed alone), one untimed round, three timed rounds: always a, b, c in turn
+  assert order == ["a", "b", "c"] * (1 + 1 + 3)
+  assert set(out) == {"a", "b", "c"} and all(first >= 0 and t >= 0 for first, t in out.values())
 
 
 def test_gemm_floor_lists_the_matmuls_of_the_real_lora_step():
@@ -55,3 +64,11 @@ def test_gemm_floor_lists_the_matmuls_of_the_real_lora_step():
   total = float((cost[0] if isinstance(cost, list) else cost)["flops"])
   listed = sum(c * gemm_floor.flops(a, b) for _, a, b, c in gemm_floor.gemms())
   assert 0.97 * total < listed <= total
+
+
+def test_gemm_floor_sums_count_times_time():
+  from bench import gemm_floor
+  counts = [c for *_, c in gemm_floor.gemms()]
+  assert gemm_floor.floor([1.0] * len(counts)) == sum(counts)
+  times = [0.001 * (i + 1) for i in range(len(counts))]
+  assert abs(gemm_floor.floor(times) - sum(c * t for c, t in zip(counts, times))) < 1e-12
