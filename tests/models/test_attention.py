@@ -100,3 +100,17 @@ def test_errors_name_shapes():
     attn.attention(q, q, q, dropout_rate=0.1, rng=jax.random.key(0), impl="dpa")
   with pytest.raises(ValueError, match="impl"):
     attn.attention(q, q, q, impl="flash")
+
+
+def test_vjp_without_mask_and_in_bfloat16():
+  q = jax.random.normal(jax.random.key(0), (2, 3, 4, 8))
+  k = jax.random.normal(jax.random.key(1), (2, 5, 2, 8))
+  grad = lambda impl, dt: jax.grad(lambda q, k: jnp.sum(attn.attention(
+      q.astype(dt), k.astype(dt), k.astype(dt), impl=impl).astype(jnp.float32)), argnums=(0, 1))(q, k)
+  for a, b in zip(grad("vjp", jnp.float32), grad("einsum", jnp.float32)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
+  out = attn.attention(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), k.astype(jnp.bfloat16))
+  assert out.dtype == jnp.bfloat16
+  for a, b in zip(grad("vjp", jnp.bfloat16), grad("vjp", jnp.float32)):
+    assert a.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=0.1, rtol=0.05)
