@@ -89,8 +89,9 @@ class LazyWeight:
 
 class BaseLazyWeight(LazyWeight):
   """A lazy weight built on a frozen ``base`` (array or lazy): its shape is the static
-  field ``shape_`` and its dtype the base's. Subclasses add their factors and
-  implement ``materialize()`` / ``matmul(x)``."""
+  field ``shape_`` and its dtype the base's. Subclasses add their factors and implement
+  ``matmul(x)`` and either ``delta()`` (additive methods: ``materialize()`` is then
+  ``base + delta()``) or ``materialize()`` itself."""
 
   @property
   def shape(self) -> tuple[int, ...]:
@@ -99,6 +100,14 @@ class BaseLazyWeight(LazyWeight):
   @property
   def dtype(self):
     return self.base.dtype
+
+  def delta(self) -> jax.Array:
+    raise NotImplementedError(f"{type(self).__name__} is not additive: it implements materialize()")
+
+  def materialize(self) -> jax.Array:
+    """``base + delta()``, summed in float32, in the base's dtype."""
+    w0 = materialize(self.base)
+    return (w0.astype(jnp.float32) + self.delta().astype(jnp.float32)).astype(w0.dtype)
 
 
 class WrappingLazyWeight(LazyWeight):

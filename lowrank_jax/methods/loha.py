@@ -56,10 +56,6 @@ class LoHaWeight(lazy.BaseLazyWeight):
   def delta(self) -> jax.Array:
     return self.scale * ((self.w1_b @ self.w1_a) * (self.w2_b @ self.w2_a))
 
-  def materialize(self) -> jax.Array:
-    w0 = lazy.materialize(self.base)
-    return (w0.astype(jnp.float32) + self.delta().astype(jnp.float32)).astype(w0.dtype)
-
   def factored_is_cheaper(self) -> bool:
     d_in, d_out = self.w1_b.shape[0], self.w1_a.shape[1]
     return self.w1_a.shape[0] * self.w2_a.shape[0] * (d_in + d_out) < d_in * d_out

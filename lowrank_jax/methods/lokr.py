@@ -100,10 +100,6 @@ class KronWeight(lazy.BaseLazyWeight):
   def delta(self) -> jax.Array:
     return self.scale * jnp.kron(_product(self.w1), _product(self.w2))
 
-  def materialize(self) -> jax.Array:
-    w0 = lazy.materialize(self.base)
-    return (w0.astype(jnp.float32) + self.delta().astype(jnp.float32)).astype(w0.dtype)
-
   def kron_matmul(self, x: jax.Array) -> jax.Array:
     """``scale · x @ (W1 ⊗ W2)`` by the reshape identity, factors contracted in turn."""
     in_m, in_n = self.w1[0].shape[0], self.w2[0].shape[0]

@@ -51,10 +51,6 @@ class LoRAWeight(lazy.BaseLazyWeight):
   def delta(self) -> jax.Array:
     return (self.scale * (self.a @ self.b)).reshape(self.shape_)
 
-  def materialize(self) -> jax.Array:
-    w0 = lazy.materialize(self.base)
-    return (w0.astype(jnp.float32) + self.delta().astype(jnp.float32)).astype(w0.dtype)
-
   def matmul(self, x: jax.Array) -> jax.Array:
     if len(self.shape_) != 2:
       return super().matmul(x)
