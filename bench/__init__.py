@@ -18,13 +18,10 @@ def median_time(fn, steps: int, warmup: int = 2) -> float:
 
 
 def first_and_median(fn, steps: int, warmup: int = 2) -> tuple[float, float]:
-  """``(first call incl. compile, median of steps)``: times ``fn()`` once, then
-  :func:`median_time` over ``steps`` calls after the remaining ``warmup - 1`` untimed ones
-  (the first call is warm-up 1)."""
-  t0 = time.perf_counter()
-  fn()
-  first = time.perf_counter() - t0
-  return first, median_time(fn, steps, max(warmup - 1, 0))
+  """``(first call incl. compile, median of steps)``: times ``fn()`` once, then the median
+  of ``steps`` calls after the remaining ``warmup - 1`` untimed ones (the first call is
+  warm-up 1); :func:`interleaved_medians` with one function."""
+  return interleaved_medians({"fn": fn}, steps, warmup)["fn"]
 
 
 def interleaved_medians(fns: dict, steps: int, warmup: int = 2) -> dict:

@@ -52,6 +52,11 @@ def flops(a: tuple[int, ...], b: tuple[int, ...]) -> float:
   return 2.0 * np.prod(a) * b[-1]
 
 
+def total_flops() -> float:
+  """FLOPs of all the step's GEMMs (each :func:`flops` times its count)."""
+  return float(sum(c * flops(a, b) for _, a, b, c in gemms()))
+
+
 def _operands(a, b):
   rng = np.random.default_rng(0)
   return rng.normal(size=a).astype(np.float32), rng.normal(size=b).astype(np.float32)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import Callable
 
 import numpy as np
 
@@ -39,7 +40,7 @@ MERGED = 'LoRA r8 q,v (lazy, matmul="merged")'
 
 
 
-def jax_runners(ids: np.ndarray, labels: np.ndarray, dropout: float) -> tuple[dict, float]:
+def jax_runners(ids: np.ndarray, labels: np.ndarray, dropout: float) -> tuple[dict, Callable[[], float]]:
   """``({name: (one blocking step, trainable params)}, flops)``; ``flops()`` is the XLA
   cost-analysis FLOP count of the lazy LoRA step."""
   import jax
@@ -181,7 +182,7 @@ def main(argv=None) -> None:
   ids = rng.integers(0, 30522, (B, T)).astype(np.int32)
   labels = rng.integers(0, N_CLASSES, (B,)).astype(np.int32)
   runners, step_flops = jax_runners(ids, labels, a.dropout)
-  gemm_gflop = sum(c * gemm_floor.flops(x, y) for _, x, y, c in gemm_floor.gemms()) / 1e9
+  gemm_gflop = gemm_floor.total_flops() / 1e9
   ref_names = []
   if not a.no_torch:
     try:

@@ -8,9 +8,14 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-__all__ = ["apply_dropout_mask", "dropout", "dropout_mask", "keep_probability"]
+__all__ = ["apply_dropout_mask", "dropout", "dropout_mask", "keep_probability", "stat_dtype"]
 
 _LEVELS = 1 << 16
+
+
+def stat_dtype(dtype):
+  """Statistics (norms, softmax) are computed in at least float32."""
+  return jnp.promote_types(dtype, jnp.float32)
 
 
 def keep_probability(rate: float) -> float:

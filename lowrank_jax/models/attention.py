@@ -31,15 +31,11 @@ from typing import Literal, Optional
 import jax
 import jax.numpy as jnp
 
-from lowrank_jax.ops import apply_dropout_mask, dropout, dropout_mask
+from lowrank_jax.ops import apply_dropout_mask, dropout, dropout_mask, stat_dtype
 
 __all__ = ["attention", "AttentionImpl"]
 
 AttentionImpl = Literal["auto", "vjp", "einsum", "dpa"]
-
-
-def _stat_dtype(dtype):
-  return jnp.promote_types(dtype, jnp.float32)
 
 
 def _probs(qg: jax.Array, k: jax.Array, mask: Optional[jax.Array]) -> jax.Array:
@@ -47,7 +43,7 @@ def _probs(qg: jax.Array, k: jax.Array, mask: Optional[jax.Array]) -> jax.Array:
   ``mask`` is ``[B, K, G, T, S]`` or ``None``."""
   d = qg.shape[-1]
   logits = jnp.einsum("btkgd,bskd->bkgts", qg, k) * jnp.asarray(d ** -0.5, qg.dtype)
-  logits = logits.astype(_stat_dtype(qg.dtype))
+  logits = logits.astype(stat_dtype(qg.dtype))
   if mask is not None:
     logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
   return jax.nn.softmax(logits, axis=-1)

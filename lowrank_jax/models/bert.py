@@ -55,6 +55,7 @@ import jax.numpy as jnp
 
 from lowrank_jax.interop import hf
 from lowrank_jax.models import layers
+from lowrank_jax.models.attention import AttentionImpl
 
 __all__ = [
   "BertConfig",
@@ -271,7 +272,7 @@ def bert_forward(params: PyTree, config: BertConfig, input_ids: jax.Array,
                  deterministic: bool = True, rng: Optional[jax.Array] = None,
                  prefix: Optional[Sequence[Any]] = None,
                  position_offset: Optional[int] = None,
-                 attention_impl: Literal["auto", "vjp", "einsum", "dpa"] = "auto",
+                 attention_impl: AttentionImpl = "auto",
                  last_layer_positions: Optional[Sequence[int]] = None) -> jax.Array:
   """BERT encoder forward pass; returns ``last_hidden_state`` ``[B, T, D]``.
 

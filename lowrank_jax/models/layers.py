@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from lowrank_jax import lazy
 from lowrank_jax.models.attention import attention
-from lowrank_jax.ops import dropout
+from lowrank_jax.ops import dropout, stat_dtype
 
 __all__ = [
   "dense",
@@ -45,11 +45,6 @@ __all__ = [
 ]
 
 Params = Mapping[str, Any]
-
-
-def _stat_dtype(dtype):
-  """Statistics (norms, softmax) are computed in at least float32."""
-  return jnp.promote_types(dtype, jnp.float32)
 
 
 def dense(p: Params, x: jax.Array) -> jax.Array:
@@ -84,7 +79,7 @@ def layer_norm(p: Params, x: jax.Array, eps: float = 1e-12) -> jax.Array:
 
   Statistics over the last axis in at least float32; result in ``x.dtype``.
   """
-  dt = _stat_dtype(x.dtype)
+  dt = stat_dtype(x.dtype)
   xf = x.astype(dt)
   mean = jnp.mean(xf, axis=-1)
   xc = xf - mean[..., None]
@@ -98,7 +93,7 @@ def layer_norm(p: Params, x: jax.Array, eps: float = 1e-12) -> jax.Array:
 
 def rms_norm(p: Params, x: jax.Array, eps: float = 1e-6) -> jax.Array:
   """RMSNorm (Zhang & Sennrich, arXiv 1910.07467): ``x * rsqrt(mean(x^2) + eps) * scale``."""
-  dt = _stat_dtype(x.dtype)
+  dt = stat_dtype(x.dtype)
   xf = x.astype(dt)
   ms = jnp.mean(jnp.square(xf), axis=-1)
   y = xf * jax.lax.rsqrt(ms + eps)[..., None]

@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 
 from lowrank_jax import lazy
 from lowrank_jax.models import layers
+from lowrank_jax.models.attention import AttentionImpl
 
 __all__ = ["LlamaConfig", "init_llama", "llama_forward", "llama_hidden", "llama_param_count",
            "rope", "rope_angles"]
@@ -185,7 +186,7 @@ def _block(p: PyTree, c: LlamaConfig, x, cos, sin, key_mask, impl):
 def llama_hidden(params: PyTree, config: LlamaConfig, tokens: jax.Array, *,
                  positions: Optional[jax.Array] = None,
                  attention_mask: Optional[jax.Array] = None, remat: bool = False,
-                 attention_impl: Literal["auto", "vjp", "einsum", "dpa"] = "auto") -> jax.Array:
+                 attention_impl: AttentionImpl = "auto") -> jax.Array:
   """Final-norm hidden states ``[B, T, D]`` (see :func:`llama_forward` for the arguments)."""
   tokens = jnp.asarray(tokens)
   b, t = tokens.shape
@@ -205,7 +206,7 @@ def llama_hidden(params: PyTree, config: LlamaConfig, tokens: jax.Array, *,
 def llama_forward(params: PyTree, config: LlamaConfig, tokens: jax.Array, *,
                   positions: Optional[jax.Array] = None,
                   attention_mask: Optional[jax.Array] = None, remat: bool = False,
-                  attention_impl: Literal["auto", "vjp", "einsum", "dpa"] = "auto") -> jax.Array:
+                  attention_impl: AttentionImpl = "auto") -> jax.Array:
   """Next-token logits ``[B, T, V]`` of a causal decoder.
 
   Args:
