@@ -53,7 +53,7 @@ from typing import Any, Literal, Mapping, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
-from lowrank_jax.interop import hf
+from lowrank_jax.io import hf
 from lowrank_jax.models import layers
 from lowrank_jax.models.attention import AttentionImpl
 
