@@ -8,7 +8,8 @@ A method is a pair of pure functions, as an optax transformation is::
     theta = reparam.apply(theta0, phi)     # lazy LoRA weights; lj.dot(x, w) multiplies them
     merged = lj.merge(reparam, theta0, phi)
 
-Sub-packages: ``methods`` (one module per method), ``quant`` (codecs, QLoRA, LoftQ,
+Sub-packages: ``methods`` (one module per method; ``registry`` names them all, with typed
+configs), ``quant`` (codecs, QLoRA, LoftQ,
 QA-LoRA, L4Q, IR-QLoRA ICQ), ``optim`` (GaLore, 8-bit Adam, offload, LoRA+, memory report), ``models``
 (BERT/MiniLM, Llama), ``data``, ``interop`` (HF safetensors, PEFT adapter folders).
 """
@@ -39,6 +40,9 @@ from lowrank_jax.methods.prefix import prefix_reparam, prefix_tuning
 from lowrank_jax.quant import (Blockwise8, Quant4, QuantizedWeight, affine_encode, dequantize, fp4_encode,
                                icq_encode, l4q, l4q_merge, loftq, nf4_encode, qalora, qalora_merge,
                                quantize)
+
+# every method by name, with its typed config (lj.registry.build("lora", where=..., rank=8))
+from lowrank_jax.methods import registry
 
 # composition, merging, extraction
 from lowrank_jax.merging import add_weighted_adapter, extract_lora, stack
