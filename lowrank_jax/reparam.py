@@ -6,21 +6,43 @@ A PEFT method is a :class:`Reparam`, exactly as an optax transformation is an
     phi = reparam.init(key, theta0)          # trainable parameters
     theta = reparam.apply(theta0, phi)       # weights the model sees (may be lazy)
 
-``phi`` mirrors the structure of ``theta0``: a selected leaf holds a dict of that
-method's parameters, an unselected one is ``None``. ``jax.grad`` of a loss of
-``apply(theta0, phi)`` w.r.t. ``phi`` is the training gradient; ``theta0`` is never
-differentiated.
+``jax.grad`` of a loss of ``apply(theta0, phi)`` w.r.t. ``phi`` is the training
+gradient; ``theta0`` is never differentiated.
 
 Per-leaf methods (LoRA, DoRA, LoKr, ...) are written as a :class:`LeafMethod` and
 lifted onto a tree with :func:`adapt` (the ``where=`` selection); :func:`chain`
 composes reparams. Methods that rewrite the base weight at initialisation (PiSSA,
 OLoRA, LoftQ) return the new base from :func:`initialize`.
+
+**Parameters shared across leaves.** A :class:`LeafMethod` may also own parameters
+that every selected leaf uses (``init_shared``: SAID's ``z``, VB-LoRA's vector bank,
+prefix tuning's prefixes), derive per-leaf inputs from them once per call
+(``prepare``: SAID's batched projections, VeRA's frozen random matrices regenerated
+from a seed) and add subtrees to the tree beside the selected leaves (``insert``:
+bottleneck adapters, per-layer prefixes in the model's slots). The layout of ``phi``
+of :func:`adapt` then is
+
+===========================================  =============================================
+the method has                                ``phi``
+===========================================  =============================================
+per-leaf parameters only (``init_leaf``)      a tree mirroring ``theta0``: the leaf's
+                                              parameters at a selected leaf, ``None``
+                                              elsewhere (LoRA, VeRA, adapters)
+shared parameters only (``init_shared``)      the shared parameters themselves (SAID's
+                                              ``{"z", "lam"}``, prefix tuning's prefixes)
+both                                          ``{"leaves": <mirror tree>, "shared": ...}``
+                                              (:data:`LEAVES`, :data:`SHARED`; VB-LoRA)
+===========================================  =============================================
+
+Every form is a plain pytree of dicts and arrays, so ``jax.grad``, optax, the
+checkpoints and :func:`lowrank_jax.partition` treat it like any other ``phi``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+from collections.abc import Mapping
+from typing import Any, Callable, NamedTuple, Optional, Protocol, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -33,8 +55,14 @@ Key = jax.Array
 
 __all__ = [
   "Reparam",
+  "InitFn",
+  "ApplyFn",
+  "InitWithBaseFn",
+  "UnmergeFn",
   "LeafMethod",
   "MatrixView",
+  "LEAVES",
+  "SHARED",
   "adapt",
   "adapt_with_bias",
   "chain",
@@ -43,24 +71,66 @@ __all__ = [
   "unmerge",
 ]
 
+LEAVES = "leaves"
+SHARED = "shared"
+
+
+# ------------------------------------------------------------------ the Reparam signatures
+
+class InitFn(Protocol):
+  """``init(key, theta0) -> phi``: the trainable parameters at initialisation.
+
+  ``key`` is a JAX PRNG key, ``theta0`` the frozen parameter tree; ``phi`` is any pytree
+  (see the module docstring for :func:`adapt`'s layouts).
+  """
+
+  def __call__(self, key: Key, theta0: PyTree, /) -> PyTree: ...
+
+
+class ApplyFn(Protocol):
+  """``apply(theta0, phi, rng=None) -> theta``: the weights the model sees.
+
+  ``theta`` has ``theta0``'s structure plus any inserted subtrees; its leaves may be lazy
+  weights (:mod:`lowrank_jax.lazy`). ``rng`` (a PRNG key or ``None``) feeds dropout-like
+  noise; ``None`` means deterministic. Must be traceable (``jax.jit``, ``jax.grad`` w.r.t.
+  ``phi``).
+  """
+
+  def __call__(self, theta0: PyTree, phi: PyTree, /, rng: Optional[Key] = None) -> PyTree: ...
+
+
+class InitWithBaseFn(Protocol):
+  """``init_with_base(key, theta0) -> (theta0', phi)``: ``theta0'`` is the frozen base the
+  method trains against: a rewritten one (PiSSA's residual, LoftQ's quantized weight) or
+  ``theta0`` itself (the same object) for every other method."""
+
+  def __call__(self, key: Key, theta0: PyTree, /) -> tuple[PyTree, PyTree]: ...
+
+
+class UnmergeFn(Protocol):
+  """``unmerge(theta, phi) -> theta0``: inverts ``materialize(apply(theta0, phi))`` (and
+  removes inserted subtrees)."""
+
+  def __call__(self, theta: PyTree, phi: PyTree, /) -> PyTree: ...
+
 
 class Reparam(NamedTuple):
   """A reparametrization: pure functions over parameter pytrees.
 
   Attributes:
-    init: ``(key, theta0) -> phi``.
-    apply: ``(theta0, phi, rng=None) -> theta``; ``rng`` feeds dropout-like noise.
-    init_with_base: ``(key, theta0) -> (theta0', phi)`` for methods that rewrite the
-      frozen base (PiSSA's residual, LoftQ's quantized weight); otherwise it
-      returns ``theta0`` unchanged.
-    unmerge: ``(theta_merged, phi) -> theta0`` where the method can invert a merge,
-      else ``None``.
+    init: :class:`InitFn`, ``(key, theta0) -> phi``.
+    apply: :class:`ApplyFn`, ``(theta0, phi, rng=None) -> theta``.
+    init_with_base: :class:`InitWithBaseFn`, ``(key, theta0) -> (theta0', phi)``.
+    unmerge: :class:`UnmergeFn` ``(theta_merged, phi) -> theta0`` where the method can
+      invert a merge, else ``None``.
   """
-  init: Callable[..., PyTree]
-  apply: Callable[..., PyTree]
-  init_with_base: Callable[..., tuple[PyTree, PyTree]]
-  unmerge: Optional[Callable[[PyTree, PyTree], PyTree]] = None
+  init: InitFn
+  apply: ApplyFn
+  init_with_base: InitWithBaseFn
+  unmerge: Optional[UnmergeFn] = None
 
+
+# ------------------------------------------------------------------ per-leaf methods
 
 @dataclasses.dataclass(frozen=True)
 class MatrixView:
@@ -87,6 +157,29 @@ class MatrixView:
     return jnp.reshape(m, self.shape)
 
 
+Views = Mapping[str, MatrixView]
+"""The selected leaves, ``{path: view}`` in tree order (the order of ``theta0``'s leaves)."""
+
+InitLeafFn = Callable[[Key, str, Any, MatrixView], PyTree]
+"""``(key, path, w, view) -> phi_leaf``; ``-> (new_w, phi_leaf)`` when the method rewrites the base."""
+ApplyLeafFn = Union[Callable[[Any, PyTree, MatrixView, Optional[Key]], Any],
+                    Callable[[Any, PyTree, MatrixView, Optional[Key], Any], Any]]
+"""``(w, phi_leaf, view, rng) -> new_w``, plus a fifth argument ``shared_leaf`` (the leaf's
+entry of ``prepare``, else the shared parameters) for methods with shared parameters."""
+UnmergeLeafFn = Union[Callable[[Any, PyTree, MatrixView], Any],
+                      Callable[[Any, PyTree, MatrixView, Any], Any]]
+"""``(w_merged, phi_leaf, view) -> w0``, plus ``shared_leaf`` as for :data:`ApplyLeafFn`."""
+InitSharedFn = Callable[[Key, Views], PyTree]
+"""``(key, views) -> shared``: the parameters every selected leaf uses (trained, in ``phi``)."""
+PrepareFn = Callable[[Optional[PyTree], Views], Mapping[str, Any]]
+"""``(shared, views) -> {path: shared_leaf}``: per-leaf inputs computed once per call from the
+shared parameters (``None`` without ``init_shared``): frozen buffers regenerated from a seed,
+transforms batched over the leaves. Not stored, not trained directly."""
+InsertFn = Callable[[str, Optional[PyTree], Any], Mapping[str, PyTree]]
+"""``(path, phi_leaf, shared_leaf) -> {new_path: subtree}``: subtrees that the selected leaf
+at ``path`` adds to ``theta`` (adapters, prefixes in a model's slots)."""
+
+
 def _is_float_dtype(dtype) -> bool:
   return jnp.issubdtype(dtype, jnp.floating)
 
@@ -99,23 +192,67 @@ class LeafMethod:
 
   Attributes:
     name: the method's name, used in errors.
-    init_leaf: ``(key, path, w, view) -> phi_leaf`` or, when ``rewrites_base``,
-      ``(new_w, phi_leaf)``.
-    apply_leaf: ``(w, phi_leaf, view, rng) -> new_w`` (may return a lazy weight).
-    unmerge_leaf: ``(w_merged, phi_leaf, view) -> w0`` or ``None``.
+    init_leaf: :data:`InitLeafFn`; ``None`` when the method has no per-leaf parameters
+      (then ``init_shared`` is required and ``phi`` is the shared parameters).
+    apply_leaf: :data:`ApplyLeafFn` (may return a lazy weight); ``None`` leaves the
+      weight unchanged (methods that only ``insert``).
+    unmerge_leaf: :data:`UnmergeLeafFn` or ``None``.
     rewrites_base: whether ``init_leaf`` also returns a new base weight.
     needs_matrix: whether the leaf must be a matrix (or have an ``in_ndim`` spec).
-    max_rank: ``view -> None`` or raise; shape validation hook (e.g. rank bounds).
+    validate: ``(path, view) -> None`` or raise; shape validation hook (e.g. rank bounds).
     in_ndim: ``None`` (2-d leaves only), an int, or ``path -> int``.
+    init_shared: :data:`InitSharedFn`, parameters shared by the selected leaves.
+    prepare: :data:`PrepareFn`, per-leaf inputs derived from the shared parameters.
+    insert: :data:`InsertFn`, subtrees added beside the selected leaves.
+
+  With ``init_shared`` or ``prepare``, ``apply_leaf`` and ``unmerge_leaf`` take a last
+  argument ``shared_leaf``: ``prepare(shared, views)[path]``, or ``shared`` itself
+  without ``prepare``. Example, a VB-LoRA-style method (Li et al., "VB-LoRA: Extreme
+  Parameter Efficient Fine-Tuning with Vector Banks", arXiv 2405.15179): one trainable
+  bank of ``h`` vectors of length ``b`` shared by every adapted matrix, whose LoRA
+  factors are cut into length-``b`` pieces, each a top-``k`` softmax mixture of the
+  bank's vectors under that piece's own trainable logits::
+
+      def vblora(where, rank=4, h=256, b=256, k=2):
+        def init_shared(key, views):           # phi["shared"]: the vector bank
+          return {"bank": jax.random.uniform(key, (h, b), minval=-0.02, maxval=0.02)}
+
+        def init_leaf(key, path, w, view):     # phi["leaves"][...]: logits per piece
+          ka, kb = jax.random.split(key)
+          return {"logits_a": jax.random.normal(ka, (view.d_in * rank // b, h)),
+                  "logits_b": jnp.zeros((rank * view.d_out // b, h))}
+
+        def mix(logits, bank):                 # [n, h] -> n pieces of length b
+          top, idx = jax.lax.top_k(logits, k)
+          return jnp.einsum("nk,nkb->nb", jax.nn.softmax(top), bank[idx])
+
+        def apply_leaf(w, phi, view, rng, shared):
+          a = mix(phi["logits_a"], shared["bank"]).reshape(view.d_in, rank)
+          b_ = mix(phi["logits_b"], shared["bank"]).reshape(rank, view.d_out)
+          return lj.materialize(w) + view.from_matrix(a @ b_).astype(w.dtype)
+
+        return lj.adapt(lj.LeafMethod("VB-LoRA", init_leaf, apply_leaf,
+                                      init_shared=init_shared), where)
+
+  ``phi = {"leaves": {...logits at the selected leaves...}, "shared": {"bank": ...}}``;
+  the gradient of the bank sums the contributions of every leaf.
   """
   name: str
-  init_leaf: Callable[..., Any]
-  apply_leaf: Callable[..., Any]
-  unmerge_leaf: Optional[Callable[..., Any]] = None
+  init_leaf: Optional[InitLeafFn]
+  apply_leaf: Optional[ApplyLeafFn]
+  unmerge_leaf: Optional[UnmergeLeafFn] = None
   rewrites_base: bool = False
   needs_matrix: bool = True
-  validate: Optional[Callable[[str, "MatrixView"], None]] = None
-  in_ndim: Any = None
+  validate: Optional[Callable[[str, MatrixView], None]] = None
+  in_ndim: Union[None, int, Callable[[str], int]] = None
+  init_shared: Optional[InitSharedFn] = None
+  prepare: Optional[PrepareFn] = None
+  insert: Optional[InsertFn] = None
+
+  @property
+  def uses_shared(self) -> bool:
+    """Whether ``apply_leaf`` / ``unmerge_leaf`` take the ``shared_leaf`` argument."""
+    return self.init_shared is not None or self.prepare is not None
 
   def view(self, path: str, w) -> MatrixView:
     shape = tuple(w.shape)
@@ -145,37 +282,96 @@ def _leaf_keys(key: Key, n: int):
   return [jax.random.fold_in(key, i) for i in range(n)]
 
 
+def _strip_to(theta: PyTree, mirror: PyTree) -> PyTree:
+  """``theta`` without the dict entries that ``mirror`` (a ``phi`` mirroring the tree
+  before an ``insert``) lacks: the structure ``theta`` had before the subtrees were added."""
+  if isinstance(theta, Mapping) and isinstance(mirror, Mapping):
+    return {k: _strip_to(v, mirror[k]) for k, v in theta.items() if k in mirror}
+  return theta
+
+
 def adapt(method: LeafMethod, where: tree_lib.Where) -> Reparam:
   """Lifts a per-leaf method onto the leaves of a tree selected by ``where``.
 
   Args:
-    method: the per-leaf method.
+    method: the per-leaf method (optionally with shared parameters, see
+      :class:`LeafMethod`).
     where: regex, list of regexes, predicate ``(path, leaf) -> bool`` or mask.
 
   Returns:
-    A :class:`Reparam` whose ``phi`` mirrors ``theta0`` (``None`` at unselected leaves).
+    A :class:`Reparam`; ``phi``'s layout is in the module docstring: per-leaf
+    parameters mirror ``theta0`` (``None`` at unselected leaves), shared parameters
+    alone are ``phi`` itself, both are ``{"leaves": ..., "shared": ...}``. Leaf ``i``
+    (in tree order) draws from ``fold_in(key, i)``; with shared parameters, ``key`` is
+    first split into the leaves' key and ``init_shared``'s.
   """
+  has_leaf = method.init_leaf is not None
+  has_shared = method.init_shared is not None
+  if not has_leaf and not has_shared:
+    raise ValueError(f"{method.name}: a LeafMethod needs init_leaf or init_shared (or both)")
+  if method.rewrites_base and not has_leaf:
+    raise ValueError(f"{method.name}: rewrites_base needs an init_leaf that returns the new base")
+
+  def _split(phi):
+    """``(per-leaf tree or None, shared or None)`` of a ``phi``."""
+    if has_leaf and has_shared:
+      if not (isinstance(phi, Mapping) and set(phi) == {LEAVES, SHARED}):
+        got = sorted(phi) if isinstance(phi, Mapping) else type(phi).__name__
+        raise ValueError(f"{method.name}: phi must be {{'{LEAVES}': <per-leaf tree>, "
+                         f"'{SHARED}': <shared parameters>}}, got {got}")
+      return phi[LEAVES], phi[SHARED]
+    return (phi, None) if has_leaf else (None, phi)
+
+  def _structure(theta):
+    return (tree_lib.flatten_with_paths(theta),
+            jax.tree_util.tree_structure(theta, is_leaf=lazy.is_lazy))
+
+  def _selected(theta, treedef, leaves) -> tuple[list[bool], list]:
+    """``(selected flags, per-leaf phi or None)`` in tree order: from the mirror tree, or
+    by ``where`` for a method without per-leaf parameters."""
+    if has_leaf:
+      try:
+        phis = treedef.flatten_up_to(leaves)
+      except (ValueError, TypeError) as e:
+        raise ValueError(f"{method.name}: phi does not mirror the structure of the tree ({e})") from e
+      return [p is not None for p in phis], phis
+    flags = [bool(m) for m in jax.tree_util.tree_leaves(tree_lib.select(theta, where))]
+    return flags, [None] * len(flags)
+
+  def _shared_leaves(shared, views: Views) -> Mapping[str, Any]:
+    if method.prepare is None:
+      return dict.fromkeys(views, shared)
+    out = method.prepare(shared, views)
+    missing = [p for p in views if p not in out]
+    if missing:
+      raise ValueError(f"{method.name}: prepare returned no entry for the selected leaves {missing}")
+    return out
 
   def _init_all(key, theta0):
     mask = tree_lib.select(theta0, where)
-    items = tree_lib.flatten_with_paths(theta0)
+    items, treedef = _structure(theta0)
     flags = jax.tree_util.tree_leaves(mask)
-    keys = _leaf_keys(key, len(items))
+    leaf_key, shared_key = jax.random.split(key) if has_shared else (key, None)
+    keys = _leaf_keys(leaf_key, len(items))
+    views = {}
     new_base, phis = [], []
     for (path, w), m, k in zip(items, flags, keys):
       if not m:
         new_base.append(w)
         phis.append(None)
         continue
-      view = method.check(path, w)
-      out = method.init_leaf(k, path, w, view)
+      view = views[path] = method.check(path, w)
+      out = method.init_leaf(k, path, w, view) if has_leaf else None
       if method.rewrites_base:
         w, out = out
       new_base.append(w)
       phis.append(out)
-    treedef = jax.tree_util.tree_structure(theta0, is_leaf=lazy.is_lazy)
     base = jax.tree_util.tree_unflatten(treedef, new_base) if method.rewrites_base else theta0
-    return base, jax.tree_util.tree_unflatten(treedef, phis)
+    leaves = jax.tree_util.tree_unflatten(treedef, phis) if has_leaf else None
+    shared = method.init_shared(shared_key, views) if has_shared else None
+    if has_leaf and has_shared:
+      return base, {LEAVES: leaves, SHARED: shared}
+    return base, (leaves if has_leaf else shared)
 
   def init_with_base(key, theta0):
     return _init_all(key, theta0)
@@ -187,27 +383,62 @@ def adapt(method: LeafMethod, where: tree_lib.Where) -> Reparam:
           f"lowrank_jax.initialize(reparam, key, theta0) -> (theta0', phi) instead of init")
     return _init_all(key, theta0)[1]
 
+  def _views(items, flags) -> dict[str, MatrixView]:
+    return {path: method.view(path, w) for (path, w), m in zip(items, flags) if m}
+
+  def _insertions(items, flags, phis, extra):
+    for (path, _), m, p in zip(items, flags, phis):
+      if m:
+        yield from method.insert(path, p, None if extra is None else extra[path]).items()
+
   def apply(theta0, phi, rng: Optional[Key] = None):
-    items = tree_lib.flatten_with_paths(theta0)
-    treedef = jax.tree_util.tree_structure(theta0, is_leaf=lazy.is_lazy)
-    phis = treedef.flatten_up_to(phi)
+    leaves, shared = _split(phi)
+    items, treedef = _structure(theta0)
+    flags, phis = _selected(theta0, treedef, leaves)
+    views = _views(items, flags)
+    extra = _shared_leaves(shared, views) if method.uses_shared else None
     keys = _leaf_keys(rng, len(items)) if rng is not None else [None] * len(items)
     out = []
-    for (path, w), p, k in zip(items, phis, keys):
-      if p is None:
+    for (path, w), m, p, k in zip(items, flags, phis, keys):
+      if not m or method.apply_leaf is None:
         out.append(w)
+      elif extra is not None:
+        out.append(method.apply_leaf(w, p, views[path], k, extra[path]))
       else:
-        out.append(method.apply_leaf(w, p, method.view(path, w), k))
-    return jax.tree_util.tree_unflatten(treedef, out)
+        out.append(method.apply_leaf(w, p, views[path], k))
+    theta = jax.tree_util.tree_unflatten(treedef, out)
+    if method.insert is not None:
+      for new_path, sub in _insertions(items, flags, phis, extra):
+        theta = tree_lib.with_subtree(theta, new_path, sub)
+    return theta
 
   unmerge_fn = None
-  if method.unmerge_leaf is not None:
+  if method.unmerge_leaf is not None or method.apply_leaf is None:
     def unmerge_fn(theta, phi):
-      items = tree_lib.flatten_with_paths(theta)
-      treedef = jax.tree_util.tree_structure(theta, is_leaf=lazy.is_lazy)
-      phis = treedef.flatten_up_to(phi)
-      out = [w if p is None else method.unmerge_leaf(w, p, method.view(path, w))
-             for (path, w), p in zip(items, phis)]
+      leaves, shared = _split(phi)
+      if method.insert is not None:
+        # The tree before the insertions: phi's mirror tree tells which dict entries are
+        # new; without per-leaf parameters `where` finds the selected leaves among them.
+        base = _strip_to(theta, leaves) if has_leaf else theta
+        items, treedef = _structure(base)
+        flags, phis = _selected(base, treedef, leaves)
+        extra = _shared_leaves(shared, _views(items, flags)) if method.uses_shared else None
+        for new_path, _ in _insertions(items, flags, phis, extra):
+          theta = tree_lib.without_subtree(theta, new_path)
+      if method.unmerge_leaf is None:
+        return theta
+      items, treedef = _structure(theta)
+      flags, phis = _selected(theta, treedef, leaves)
+      views = _views(items, flags)
+      extra = _shared_leaves(shared, views) if method.uses_shared else None
+      out = []
+      for (path, w), m, p in zip(items, flags, phis):
+        if not m:
+          out.append(w)
+        elif extra is not None:
+          out.append(method.unmerge_leaf(w, p, views[path], extra[path]))
+        else:
+          out.append(method.unmerge_leaf(w, p, views[path]))
       return jax.tree_util.tree_unflatten(treedef, out)
 
   return Reparam(init=init, apply=apply, init_with_base=init_with_base, unmerge=unmerge_fn)
@@ -300,6 +531,9 @@ def adapt_with_bias(method: LeafMethod, where: tree_lib.Where,
   Returns:
     A :class:`Reparam`.
   """
+  if method.uses_shared or method.insert is not None or method.init_leaf is None:
+    raise ValueError(f"{method.name}: adapt_with_bias takes per-leaf methods only (no "
+                     f"init_shared, prepare or insert); use adapt")
   inner = adapt(method, where)
 
   def _kernels(theta, phi):

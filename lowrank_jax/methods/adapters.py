@@ -15,20 +15,24 @@ initialisation, ``init_std = 1e-2``); ``W_up`` and both biases start at zero, so
 adapted model equals the base model at initialisation.
 
 Unlike the other methods, adapters *add* weights rather than change existing ones. The
-model must cooperate: :func:`lowrank_jax.models.bert.bert_forward` runs the subtree
-``encoder/layer_i/attention_adapter`` on the attention block's output and
-``encoder/layer_i/output_adapter`` on the feed-forward block's output (each after the
-sub-layer's output projection and dropout, before its residual LayerNorm), with
-``f = config.adapter_activation`` (set the activation there, default ``"relu"``).
+model must cooperate through its slots (:mod:`lowrank_jax.models.slots`): a layer node
+may hold ``attention_adapter`` (run on the attention block's output) and
+``output_adapter`` (on the feed-forward block's output), each after the sub-layer's
+output projection and dropout, before its residual add / LayerNorm. ``model=`` (a
+:class:`~lowrank_jax.models.slots.ModelSlots`, e.g. ``bert.slots(config)`` or
+``slots.decoder_slots(...)``) says where the layers are; the default is BERT's layout.
+``f`` is the model's (``BertConfig.adapter_activation``, default ``"relu"``).
 
 **Representation of ``phi``.** As for every per-leaf method, ``phi`` mirrors ``theta0``
 (``None`` at unselected leaves): the adapter that follows a dense layer is stored at that
-layer's *kernel* leaf, ``{"down": {"kernel", "bias"}, "up": {"kernel", "bias"}}``:
+layer's *kernel* leaf (the slot's anchor), ``{"down": {"kernel", "bias"}, "up": {"kernel",
+"bias"}}``. For BERT:
 
 * ``.../layer_i/attention/output/kernel`` holds the adapter inserted as
   ``.../layer_i/attention_adapter``;
-* ``.../layer_i/output/kernel`` holds the adapter inserted as ``.../layer_i/output_adapter``.
+* ``.../layer_i/output/kernel`` holds the adapter inserted as ``.../layer_i/output_adapter``
 
+(for the Llama-layout decoders ``attention/o_proj/kernel`` and ``mlp/down_proj/kernel``).
 ``apply(theta0, phi)`` returns ``theta0`` with these subtrees added (the existing leaves
 are the same objects; no other leaf changes), so a later reparam in a
 :func:`~lowrank_jax.chain` (e.g. ``lj.full(r"^head/")``) sees and may select the
@@ -42,13 +46,15 @@ output and applies the LayerNorm again afterwards, which this placement does not
 
 from __future__ import annotations
 
-import re
-from typing import Any, Literal, Mapping, Optional, Sequence
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, Literal, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 
-from lowrank_jax import lazy, tree as tree_lib
+from lowrank_jax import tree as tree_lib
+from lowrank_jax.models import slots as slots_lib
 from lowrank_jax.reparam import LeafMethod, MatrixView, Reparam, adapt
 
 __all__ = [
@@ -64,57 +70,71 @@ __all__ = [
 PyTree = Any
 Placement = Literal["houlsby", "pfeiffer"]
 
-# Placement -> the sub-layer modules whose output is adapted.
+# Placement -> the slots that get an adapter.
 PLACEMENTS: dict[str, tuple[str, ...]] = {
-  "houlsby": ("attention/output", "output"),
-  "pfeiffer": ("output",),
+  "houlsby": (slots_lib.ATTENTION_ADAPTER, slots_lib.OUTPUT_ADAPTER),
+  "pfeiffer": (slots_lib.OUTPUT_ADAPTER,),
 }
-_SLOT_NAMES = {"attention/output": "attention_adapter", "output": "output_adapter"}
-_KERNEL_RX = re.compile(
-    r"^(?P<layer>(?:.*/)?layer_(?P<index>\d+))/(?P<module>attention/output|output)/kernel$")
+_ADAPTER_SLOTS = (slots_lib.ATTENTION_ADAPTER, slots_lib.OUTPUT_ADAPTER)
 
 
-def adapter_slot(path: str) -> tuple[str, str]:
+def _model(model: Optional[slots_lib.ModelSlots]) -> slots_lib.ModelSlots:
+  return slots_lib.bert_slots() if model is None else model
+
+
+def adapter_slot(path: str, model: Optional[slots_lib.ModelSlots] = None) -> tuple[str, str]:
   """``(layer path, slot name)`` of the adapter that follows the dense layer at ``path``.
 
   ``"bert/encoder/layer_3/attention/output/kernel"`` -> ``("bert/encoder/layer_3",
   "attention_adapter")``; ``".../layer_3/output/kernel"`` -> ``(..., "output_adapter")``.
 
+  Args:
+    path: a leaf path.
+    model: where the model's layers are (default: BERT's layout).
+
   Raises:
-    ValueError if ``path`` is not the kernel of a sub-layer output projection.
+    ValueError if ``path`` is not a slot's anchor kernel.
   """
-  m = _KERNEL_RX.match(path)
-  if m is None:
-    raise ValueError(
-        f"adapters: leaf '{path}' is not a sub-layer output kernel; adapters follow "
-        f"'.../layer_<i>/attention/output/kernel' (attention_adapter) or "
-        f"'.../layer_<i>/output/kernel' (output_adapter)")
-  return m["layer"], _SLOT_NAMES[m["module"]]
+  m = _model(model)
+  for slot in _ADAPTER_SLOTS:
+    hit = m.match(path, slot)
+    if hit is not None:
+      return hit[0], slot
+  raise ValueError(
+      f"adapters: leaf '{path}' is not a sub-layer output kernel of {m.family}; adapters follow "
+      + " or ".join(f"'.../{m.layer}/{m.anchor(s)}' ({s})" for s in _ADAPTER_SLOTS))
 
 
-def adapter_where(placement: Placement = "houlsby",
-                  layers: Optional[Sequence[int]] = None):
+def adapter_where(placement: Placement = "houlsby", layers: Optional[Sequence[int]] = None,
+                  model: Optional[slots_lib.ModelSlots] = None):
   """Selection predicate of the kernels whose outputs get an adapter.
 
   Args:
     placement: ``"houlsby"`` (after attention and feed-forward) or ``"pfeiffer"``
       (after feed-forward only).
     layers: layer indices to adapt (default: all).
+    model: where the model's layers are (default: BERT's layout).
 
   Returns:
     A predicate ``(path, leaf) -> bool`` for :func:`lowrank_jax.select`.
   """
   if placement not in PLACEMENTS:
     raise ValueError(f"unknown adapter placement {placement!r}; expected one of {sorted(PLACEMENTS)}")
-  modules = PLACEMENTS[placement]
-  wanted = None if layers is None else {int(i) for i in layers}
+  m = _model(model)
+  wanted = [m.where(slot, layers) for slot in PLACEMENTS[placement]]
+  return wanted[0] if len(wanted) == 1 else _AnyOf(tuple(wanted))
 
-  def where(path: str, leaf) -> bool:
-    m = _KERNEL_RX.match(path)
-    return (m is not None and m["module"] in modules
-            and (wanted is None or int(m["index"]) in wanted))
 
-  return where
+@dataclasses.dataclass(frozen=True)
+class _AnyOf:
+  """``where=`` predicate: any of several (readable repr for selection errors)."""
+  wheres: tuple[slots_lib.SlotAnchors, ...]
+
+  def __call__(self, path: str, leaf=None) -> bool:
+    return any(w(path, leaf) for w in self.wheres)
+
+  def __repr__(self):
+    return " | ".join(repr(w) for w in self.wheres)
 
 
 def bottleneck_size(hidden: int, reduction_factor: Optional[float] = 16,
@@ -134,29 +154,6 @@ def adapter_param_count(hidden: int, bottleneck: int) -> int:
   return 2 * hidden * bottleneck + bottleneck + hidden
 
 
-def adapter_method(reduction_factor: Optional[float] = 16, bottleneck: Optional[int] = None, *,
-                   init_std: float = 1e-2, dtype=jnp.float32) -> LeafMethod:
-  """The per-leaf part: initialises the adapter that follows a selected kernel.
-
-  ``apply_leaf`` leaves the kernel unchanged; :func:`bottleneck_adapters` inserts the
-  adapter subtrees.
-  """
-  bottleneck_size(1 << 20, reduction_factor, bottleneck)  # argument checks
-
-  def validate(path: str, view: MatrixView):
-    adapter_slot(path)
-
-  def init_leaf(key, path, w, view: MatrixView):
-    d = view.d_out
-    m = bottleneck_size(d, reduction_factor, bottleneck)
-    down = init_std * jax.random.truncated_normal(key, -2.0, 2.0, (d, m), jnp.float32)
-    return {"down": {"kernel": down.astype(dtype), "bias": jnp.zeros((m,), dtype)},
-            "up": {"kernel": jnp.zeros((m, d), dtype), "bias": jnp.zeros((d,), dtype)}}
-
-  return LeafMethod(name="adapters", init_leaf=init_leaf, apply_leaf=lambda w, p, view, rng: w,
-                    validate=validate)
-
-
 def _check_adapter(path: str, p: Any) -> None:
   ok = (isinstance(p, Mapping) and set(p) == {"down", "up"}
         and all(isinstance(p[k], Mapping) and "kernel" in p[k] for k in ("down", "up")))
@@ -165,24 +162,43 @@ def _check_adapter(path: str, p: Any) -> None:
                      f"'up': {{kernel, bias}}}}, got {jax.tree.map(jnp.shape, p)}")
 
 
-def _slots(theta0: PyTree, phi: PyTree) -> dict[tuple[str, str], Any]:
-  """``{(layer path, slot): adapter params}`` from a ``phi`` that mirrors ``theta0``."""
-  items = tree_lib.flatten_with_paths(theta0)
-  treedef = jax.tree_util.tree_structure(theta0, is_leaf=lazy.is_lazy)
-  try:
-    phis = treedef.flatten_up_to(phi)
-  except (ValueError, TypeError) as e:
-    raise ValueError(f"adapters: phi does not mirror the structure of theta0 ({e})") from e
-  out: dict[tuple[str, str], Any] = {}
-  for (path, _), p in zip(items, phis):
-    if p is None:
-      continue
+def adapter_method(reduction_factor: Optional[float] = 16, bottleneck: Optional[int] = None, *,
+                   init_std: float = 1e-2, dtype=jnp.float32,
+                   model: Optional[slots_lib.ModelSlots] = None) -> LeafMethod:
+  """The per-leaf method: initialises the adapter that follows a selected kernel (its
+  anchor) and inserts it into the model's slot; the kernel itself is unchanged.
+
+  The adapter's width ``D`` is the anchor's last dimension (its output features);
+  ``model.hidden_size``, when given, must equal it.
+  """
+  bottleneck_size(1 << 20, reduction_factor, bottleneck)  # argument checks
+  m = _model(model)
+
+  def validate(path: str, view: MatrixView):
+    adapter_slot(path, m)
+    if m.hidden_size is not None and view.shape[-1] != m.hidden_size:
+      raise ValueError(f"adapters: anchor '{path}' of shape {view.shape} does not output "
+                       f"{m.family}'s hidden size {m.hidden_size}")
+
+  def init_leaf(key, path, w, view: MatrixView):
+    d = view.shape[-1]
+    k = bottleneck_size(d, reduction_factor, bottleneck)
+    down = init_std * jax.random.truncated_normal(key, -2.0, 2.0, (d, k), jnp.float32)
+    return {"down": {"kernel": down.astype(dtype), "bias": jnp.zeros((k,), dtype)},
+            "up": {"kernel": jnp.zeros((k, d), dtype), "bias": jnp.zeros((d,), dtype)}}
+
+  def insert(path: str, p: PyTree, shared_leaf: Any) -> dict[str, PyTree]:
     _check_adapter(path, p)
-    out[adapter_slot(path)] = p
-  return out
+    layer, slot = adapter_slot(path, m)
+    return {m.slot_path(layer, slot): p}
+
+  return LeafMethod(name="adapters", init_leaf=init_leaf, apply_leaf=None, validate=validate,
+                    needs_matrix=False, insert=insert)
 
 
-def bottleneck_adapters(placement: Placement = "houlsby", *, reduction_factor: Optional[float] = 16,
+def bottleneck_adapters(placement: Placement = "houlsby", *,
+                        model: Optional[slots_lib.ModelSlots] = None,
+                        reduction_factor: Optional[float] = 16,
                         bottleneck: Optional[int] = None,
                         layers: Optional[Sequence[int]] = None,
                         where: tree_lib.Where = None, init_std: float = 1e-2,
@@ -192,12 +208,15 @@ def bottleneck_adapters(placement: Placement = "houlsby", *, reduction_factor: O
   Args:
     placement: ``"houlsby"`` (after the attention and the feed-forward block of each
       layer) or ``"pfeiffer"`` (after the feed-forward block only).
+    model: where the model's layers are, a :class:`~lowrank_jax.models.slots.ModelSlots`
+      (``bert.slots(config)``, ``slots.decoder_slots(...)``; default: BERT's layout
+      anywhere in the tree).
     reduction_factor: ``m = D // reduction_factor`` (adapter-transformers' default 16).
     bottleneck: the bottleneck size ``m`` (overrides ``reduction_factor``).
     layers: indices of the layers to adapt (default: all).
-    where: explicit selection of sub-layer output kernels (overrides ``placement`` and
-      ``layers``); each selected leaf must be a ``.../layer_<i>/attention/output/kernel``
-      or ``.../layer_<i>/output/kernel``.
+    where: explicit selection of anchor kernels (overrides ``placement`` and ``layers``);
+      each selected leaf must be a slot's anchor (for BERT
+      ``.../layer_<i>/attention/output/kernel`` or ``.../layer_<i>/output/kernel``).
     init_std: std of the (2-sigma truncated) normal init of ``W_down``.
     dtype: dtype of the adapter parameters.
 
@@ -205,39 +224,11 @@ def bottleneck_adapters(placement: Placement = "houlsby", *, reduction_factor: O
     A :class:`Reparam`: ``phi`` mirrors ``theta0`` with the adapters at the selected
     kernels (see the module docstring); ``apply`` inserts them as
     ``layer_i/{attention,output}_adapter``; ``unmerge`` removes them. The nonlinearity
-    is the model's ``BertConfig.adapter_activation``.
+    is the model's (``BertConfig.adapter_activation``).
   """
   if where is None:
-    where = adapter_where(placement, layers)
+    where = adapter_where(placement, layers, model)
   elif layers is not None:
     raise ValueError("adapters: pass either where= or placement/layers, not both")
-  inner = adapt(adapter_method(reduction_factor, bottleneck, init_std=init_std, dtype=dtype), where)
-
-  def apply(theta0: PyTree, phi: PyTree, rng: Optional[jax.Array] = None) -> PyTree:
-    theta = theta0
-    for (layer, slot), p in _slots(theta0, phi).items():
-      theta = tree_lib.with_subtree(theta, f"{layer}/{slot}", p)
-    return theta
-
-  def unmerge(theta: PyTree, phi: PyTree) -> PyTree:
-    slots = {}
-    for path, p in _iter_phi(phi):
-      _check_adapter(path, p)
-      slots[adapter_slot(path)] = p
-    for layer, slot in slots:
-      theta = tree_lib.without_subtree(theta, f"{layer}/{slot}")
-    return theta
-
-  return Reparam(init=inner.init, apply=apply, init_with_base=inner.init_with_base,
-                 unmerge=unmerge)
-
-
-def _is_adapter(x) -> bool:
-  return isinstance(x, Mapping) and set(x) == {"down", "up"}
-
-
-def _iter_phi(phi: PyTree) -> list[tuple[str, Any]]:
-  """``[(kernel path, adapter params)]`` of an adapters ``phi`` (without ``theta0``)."""
-  leaves, _ = jax.tree_util.tree_flatten_with_path(
-      phi, is_leaf=lambda x: x is None or _is_adapter(x))
-  return [(tree_lib.path_str(p), x) for p, x in leaves if x is not None]
+  return adapt(adapter_method(reduction_factor, bottleneck, init_std=init_std, dtype=dtype,
+                              model=model), where)
