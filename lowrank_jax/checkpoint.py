@@ -2,56 +2,145 @@
 
 Saved with Orbax (``orbax-checkpoint``) as one composite checkpoint folder::
 
-    path/state   the arrays, {"phi": ..., "opt_state": ...} as nested dicts (OCDBT)
-    path/meta    JSON: step, user metadata, and the path/shape/dtype of every leaf
+    path/phi         the arrays of phi, nested dicts keyed by pytree key names (OCDBT)
+    path/opt_state   the same for the optimizer state (absent when it has no arrays)
+    path/meta        JSON: format, step, user metadata, the path/shape/dtype of every leaf
 
 Only the trainable state is stored; the frozen base ``theta0`` is reloaded from its own
 weights. The trees are stored as nested dicts keyed by their pytree key names, so
-``None`` holes in ``phi`` (unadapted leaves), optax's ``NamedTuple`` states and empty
-states (``optax.EmptyState()``) all round-trip: :func:`restore` rebuilds the caller's
-structure from a template (``phi_like``, ``opt_state_like``; arrays or
-``jax.ShapeDtypeStruct``) and fails with the offending path, shape and dtype when the
-checkpoint does not fit it.
+``None`` holes in ``phi`` (unadapted leaves), optax's ``NamedTuple`` states, tuples
+(``chain``) and empty states (``optax.EmptyState()``) all round-trip: :func:`restore`
+rebuilds the caller's structure from a template (``phi_like``, ``opt_state_like``;
+arrays or ``jax.ShapeDtypeStruct``).
 
-Atomicity: Orbax writes into ``<path>.orbax-checkpoint-tmp-<n>`` next to the target and
-renames it to ``path`` only after every file is written (``AtomicRenameTemporaryPath``,
-the default on local and POSIX file systems; on GCS it writes a ``commit_success.txt``
-marker instead). An interrupted save leaves no folder at ``path``; the tests check
-this by failing the final rename. ``overwrite=True`` writes the new checkpoint beside the
-old one and swaps the two (Orbax's own ``force=True`` deletes the old one first).
+Any mesh, device count and process count: :func:`restore` compares the template with
+the leaf table in ``meta`` first (a mismatch raises an error listing what the
+checkpoint holds and what was asked), then gives Orbax a ``ShapeDtypeStruct`` with the
+*target* sharding for every leaf, so each process reads only the slices its devices
+need. A checkpoint written on 8 devices as ``P("fsdp", "tensor")`` restores onto 4, 2
+or 1 device, replicated, or another process count. ``phi`` restores alone (no
+optimizer-state template needed).
+
+Atomicity: Orbax writes into ``<path>.orbax-checkpoint-tmp`` next to the target and
+renames it to ``path`` only after every process has written its shards
+(``AtomicRenameTemporaryPath``, the default on local and POSIX file systems; on GCS
+it writes a ``commit_success.txt`` marker instead). An interrupted save leaves no
+folder at ``path``. ``overwrite=True`` writes the new checkpoint beside the old one, in
+``.<name>.staging`` (a name every process derives alike), then process 0 swaps the two
+(``path -> .<name>.old``, ``staging -> path``, delete ``.old``) between barriers, so a
+failed save keeps the old checkpoint (Orbax's own ``force=True`` deletes it first).
+
+Many processes: every process calls :func:`save` / :func:`restore` with the same
+arguments (Orbax's collective save); file-system decisions are taken by process 0 and
+broadcast, and barriers use ``jax.experimental.multihost_utils.sync_global_devices``.
+
+Paths: a local path is made absolute; a URL (``gs://bucket/run``, any ``scheme://``)
+reaches Orbax unchanged. Renames go through ``etils.epath`` (on object stores the
+swap is a copy, so ``overwrite=True`` there is not atomic; plain saves are, through
+Orbax's commit marker).
 """
 
 from __future__ import annotations
 
+import json
 import os
-import shutil
-import tempfile
-from typing import Any, NamedTuple, Optional
+import re
+from typing import Any, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lowrank_jax import tree as tree_lib
 
 __all__ = ["save", "restore", "read_metadata", "Checkpoint", "FORMAT"]
 
 PyTree = Any
-FORMAT = "lowrank_jax.checkpoint/1"
+PathLike = Union[str, os.PathLike]
+FORMAT = "lowrank_jax.checkpoint/2"
 _PARTS = ("phi", "opt_state")
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 class Checkpoint(NamedTuple):
-  """What :func:`restore` returns."""
+  """What :func:`restore` returns (use the attributes: ``.phi``, ``.opt_state``, ``.step``,
+  ``.metadata``)."""
   phi: PyTree
   opt_state: PyTree
   step: Optional[int]
   metadata: dict
 
 
+# ----------------------------------------------------------------------------- paths
+
+def _resolve(path: PathLike) -> str:
+  """A URL (``scheme://...``) unchanged; a local path made absolute."""
+  s = os.fspath(path)
+  return s if _URL.match(s) else os.path.abspath(s)
+
+
+def _epath(path: str) -> epath.Path:
+  return epath.Path(path)
+
+
+def _exists(path: str) -> bool:
+  return _epath(path).exists()
+
+
+def _rmtree(path: str) -> None:
+  p = _epath(path)
+  if p.exists():
+    p.rmtree()
+
+
+def _sibling(path: str, name: str) -> str:
+  """``path``'s parent joined with ``name`` (string form, URL scheme kept)."""
+  return str(_epath(path).parent / name)
+
+
+# ------------------------------------------------------------------------ processes
+
+def _primary() -> bool:
+  return jax.process_index() == 0
+
+
+def _sync(name: str) -> None:
+  """A barrier across all processes (no-op with one process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"lowrank_jax.checkpoint:{name}")
+
+
+def _agree(flag: bool) -> bool:
+  """Process 0's ``flag``, on every process."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag, np.int32)))
+
+
+def _ocp():
+  """``orbax.checkpoint``, imported on first use: it adds ~0.4 s (after jax) to every
+  ``import lowrank_jax`` otherwise."""
+  import orbax.checkpoint as ocp
+  return ocp
+
+
+def _checkpointer():
+  ocp = _ocp()
+  return ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+
+
+# ------------------------------------------------------------------------ tree codec
+
 def _items(tree: PyTree) -> list[tuple[tuple[str, ...], Any]]:
   leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
   return [(tuple(tree_lib.key_name(k) for k in p), x) for p, x in leaves]
+
+
+def _name(keys: tuple[str, ...]) -> str:
+  return "/".join(keys) or "_root"
 
 
 def _nest(items, part: str) -> dict:
@@ -70,123 +159,224 @@ def _nest(items, part: str) -> dict:
   return out
 
 
-def _lookup(nested: dict, keys: tuple[str, ...]):
-  node = nested
-  for k in keys or ("_root",):
-    if not isinstance(node, dict) or k not in node:
-      return None
-    node = node[k]
-  return node
+def _shape_dtype(x) -> tuple[tuple[int, ...], np.dtype]:
+  dtype = getattr(x, "dtype", None)
+  return tuple(np.shape(x)), np.dtype(dtype if dtype is not None else np.asarray(x).dtype)
 
 
 def _describe(items) -> dict[str, list]:
-  return {"/".join(k) or "_root": [list(np.shape(x)), str(np.dtype(getattr(x, "dtype", None)
-                                                                  or np.asarray(x).dtype))]
-          for k, x in items}
+  out = {}
+  for keys, x in items:
+    shape, dtype = _shape_dtype(x)
+    out[_name(keys)] = [list(shape), str(dtype)]
+  return out
 
 
-def save(path: str | os.PathLike, phi: PyTree, opt_state: PyTree = None, *,
+def _check_json(value, where: str = "metadata") -> None:
+  """Raises a ``TypeError`` naming the first key whose value JSON cannot store."""
+  if isinstance(value, dict):
+    for k, v in value.items():
+      if not isinstance(k, str):
+        raise TypeError(f"checkpoint {where}: key {k!r} is not a string (JSON keys are strings)")
+      _check_json(v, f"{where}[{k!r}]")
+  elif isinstance(value, (list, tuple)):
+    for i, v in enumerate(value):
+      _check_json(v, f"{where}[{i}]")
+  elif not (value is None or isinstance(value, (str, bool, int, float))):
+    raise TypeError(f"checkpoint {where} is a {type(value).__name__} ({value!r:.60}); metadata "
+                    f"must be JSON (dict, list, str, int, float, bool, None): convert arrays "
+                    f"with .tolist() and keys to int lists")
+
+
+# ------------------------------------------------------------------------------ save
+
+def save(path: PathLike, phi: PyTree, opt_state: PyTree = None, *,
          step: Optional[int] = None, metadata: Optional[dict] = None, overwrite: bool = False) -> None:
   """Saves ``phi`` (+ ``opt_state``, ``step``, JSON ``metadata``) to the folder ``path``.
 
+  Every process calls it with the same arguments; the arrays may be sharded over any
+  mesh (each process writes the shards it holds).
+
   Args:
-    path: checkpoint folder (created atomically by Orbax).
+    path: checkpoint folder (created atomically), local or a ``scheme://`` URL.
     phi: trainable parameters; ``None`` leaves are allowed.
     opt_state: optimizer state (any pytree of arrays, e.g. an optax state).
     step: training step, stored in the JSON metadata.
-    metadata: JSON-serialisable user metadata (config, metrics, ...).
-    overwrite: replace an existing checkpoint at ``path``.
+    metadata: JSON-serialisable user metadata (step, rng as a list of ints, data
+      position, config dict, base path and hash, ...).
+    overwrite: replace an existing checkpoint at ``path`` (the old one is kept until
+      the new one is complete).
+
+  Raises:
+    FileExistsError: ``path`` exists and ``overwrite`` is False.
+    TypeError: ``metadata`` is not JSON, naming the offending key.
   """
-  import orbax.checkpoint as ocp
-  path = os.path.abspath(os.fspath(path))
-  if os.path.exists(path) and not overwrite:
-    raise FileExistsError(f"checkpoint {path} exists; pass overwrite=True to replace it")
+  path = _resolve(path)
+  metadata = {} if metadata is None else metadata
+  if not isinstance(metadata, dict):
+    raise TypeError(f"checkpoint metadata must be a dict, got {type(metadata).__name__}")
+  _check_json(metadata)
   parts = {"phi": _items(phi), "opt_state": _items(opt_state)}
-  state = {name: _nest(items, name) for name, items in parts.items()}
-  meta = {"format": FORMAT, "step": None if step is None else int(step),
-          "metadata": metadata or {},
+  meta = {"format": FORMAT, "step": None if step is None else int(step), "metadata": metadata,
           "leaves": {name: _describe(items) for name, items in parts.items()}}
-  ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-  args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-  if not os.path.exists(path):
-    ckptr.save(path, args=args)
+  items = {name: _ocp().args.StandardSave(_nest(its, name)) for name, its in parts.items() if its}
+  args = _ocp().args.Composite(meta=_ocp().args.JsonSave(meta), **items)
+  exists = _agree(_exists(path))
+  if exists and not overwrite:
+    raise FileExistsError(f"checkpoint {path} exists; pass overwrite=True to replace it")
+  if not exists:
+    _checkpointer().save(path, args=args)
+    _sync(f"saved:{path}")
     return
-  # overwrite: Orbax's force=True deletes the old checkpoint before writing the new one;
-  # instead write the new one beside it (atomically) and swap, so a crash keeps one intact
-  parent, name = os.path.split(path)
-  staging = tempfile.mkdtemp(prefix=f".{name}.new_", dir=parent)
-  os.rmdir(staging)
-  old = staging.replace(".new_", ".old_")
-  try:
-    ckptr.save(staging, args=args)
-    os.replace(path, old)
-    os.replace(staging, path)
-  finally:
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.rmtree(old, ignore_errors=True)
+  # overwrite: write the new checkpoint beside the old one (atomically), then swap, so a
+  # crash keeps one intact. The names are deterministic: every process must agree on them.
+  name = _epath(path).name
+  staging, old = _sibling(path, f".{name}.staging"), _sibling(path, f".{name}.old")
+  if _primary():  # leftovers of an earlier failed overwrite
+    for p in _epath(path).parent.glob(f".{name}.staging*"):
+      p.rmtree()
+    _rmtree(old)
+  _sync(f"clean:{path}")
+  _checkpointer().save(staging, args=args)
+  _sync(f"staged:{path}")
+  if _primary():
+    _epath(path).rename(old)
+    _epath(staging).rename(path)
+    _rmtree(old)
+  _sync(f"swapped:{path}")
 
 
-def read_metadata(path: str | os.PathLike) -> dict:
+# --------------------------------------------------------------------------- restore
+
+def read_metadata(path: PathLike) -> dict:
   """The JSON part of a checkpoint: ``{"format", "step", "metadata", "leaves"}``."""
-  import orbax.checkpoint as ocp
-  path = os.path.abspath(os.fspath(path))
-  if not os.path.isdir(path):
+  path = _resolve(path)
+  if not _exists(path):
     raise FileNotFoundError(f"no checkpoint at {path}")
-  ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-  meta = ckptr.restore(path, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-  if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-    raise ValueError(f"{path} is not a lowrank_jax checkpoint (format {meta.get('format')!r})")
+  meta = _checkpointer().restore(path, args=_ocp().args.Composite(meta=_ocp().args.JsonRestore()))["meta"]
+  fmt = meta.get("format") if isinstance(meta, dict) else None
+  if fmt != FORMAT:
+    raise ValueError(f"{path} is not a {FORMAT} checkpoint (format {fmt!r})")
   return meta
 
 
-def _fill(part: str, template: PyTree, saved: dict, described: dict) -> PyTree:
+def _default_sharding() -> jax.sharding.Sharding:
+  """Where leaves without a sharding go: the first local device, or replicated over every
+  device when there are several processes (so each process can read the value)."""
+  if jax.process_count() == 1:
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return NamedSharding(Mesh(np.asarray(jax.devices()), ("all",)), PartitionSpec())
+
+
+def _targets(part: str, template: PyTree, shardings) -> list[tuple[tuple[str, ...], Any, Any]]:
+  """``(keys, template leaf, target sharding)`` per leaf of ``template``."""
   items = _items(template)
-  leaves, treedef = jax.tree_util.tree_flatten(template)
-  wanted = {"/".join(k) or "_root" for k, _ in items}
-  extra = sorted(set(described) - wanted)
+  if shardings is None or isinstance(shardings, jax.sharding.Sharding):
+    given = [shardings] * len(items)
+  else:
+    treedef = jax.tree_util.tree_structure(template)
+    try:
+      given = treedef.flatten_up_to(shardings)
+    except (ValueError, TypeError) as e:
+      raise ValueError(f"{part}: shardings do not have the structure of the template: {e}") from e
   out = []
-  for (keys, like), _ in zip(items, leaves):
-    name = "/".join(keys) or "_root"
-    value = _lookup(saved, keys)
-    if value is None or isinstance(value, dict):
-      raise ValueError(f"{part}: the checkpoint has no leaf '{name}' (template shape "
-                       f"{tuple(np.shape(like))}); it holds: {sorted(described)[:20]}")
-    want_shape = tuple(np.shape(like))
-    want_dtype = np.dtype(like.dtype) if hasattr(like, "dtype") else np.asarray(like).dtype
-    if tuple(value.shape) != want_shape or np.dtype(value.dtype) != want_dtype:
-      raise ValueError(f"{part}: leaf '{name}' is {tuple(value.shape)} {np.dtype(value.dtype)} in the "
-                       f"checkpoint but {want_shape} {want_dtype} in the template")
-    sharding = getattr(like, "sharding", None)
-    out.append(jax.device_put(value, sharding) if sharding is not None else jnp.asarray(value))
+  for (keys, like), s in zip(items, given):
+    s = getattr(like, "sharding", None) if s is None else s
+    out.append((keys, like, _default_sharding() if s is None else s))
+  return out
+
+
+def _table(described: dict[str, list], limit: int = 40) -> str:
+  rows = [f"    {k}  {tuple(s)} {d}" for k, (s, d) in list(described.items())[:limit]]
+  if len(described) > limit:
+    rows.append(f"    ... and {len(described) - limit} more")
+  return "\n".join(rows) or "    (nothing)"
+
+
+def _check_template(path: str, part: str, targets, described: dict[str, list]) -> None:
+  """Raises one error listing every difference between the template and the checkpoint."""
+  asked = {_name(k): [list(_shape_dtype(x)[0]), str(_shape_dtype(x)[1])] for k, x, _ in targets}
+  problems = []
+  for name, (shape, dtype) in asked.items():
+    if name not in described:
+      problems.append(f"the checkpoint has no leaf '{name}' (template {tuple(shape)} {dtype})")
+    elif described[name] != [shape, dtype]:
+      s, d = described[name]
+      problems.append(f"leaf '{name}' is {tuple(s)} {d} in the checkpoint but "
+                      f"{tuple(shape)} {dtype} in the template")
+  extra = sorted(set(described) - set(asked))
   if extra:
-    raise ValueError(f"{part}: the checkpoint has leaves the template lacks: {extra[:20]}")
-  return jax.tree_util.tree_unflatten(treedef, out)
+    problems.append(f"the checkpoint has leaves the template lacks: {extra[:20]}")
+  if problems:
+    raise ValueError(f"{part}: " + "; ".join(problems[:20]) +
+                     f"\n  checkpoint {path} holds ({part}):\n{_table(described)}"
+                     f"\n  the template asks for:\n{_table(asked)}")
 
 
-def restore(path: str | os.PathLike, phi_like: PyTree, opt_state_like: PyTree = None) -> Checkpoint:
+def _abstract(x, sharding) -> jax.ShapeDtypeStruct:
+  shape, dtype = _shape_dtype(x)
+  kind = getattr(sharding, "memory_kind", None)
+  if kind not in (None, "device"):  # read into device memory, moved to its memory kind after
+    sharding = sharding.with_memory_kind("device")
+  return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+
+def restore(path: PathLike, phi_like: PyTree, opt_state_like: PyTree = None, *,
+            shardings: Any = None) -> Checkpoint:
   """Restores a checkpoint into the structures of ``phi_like`` and ``opt_state_like``.
 
   Args:
-    path: checkpoint folder written by :func:`save`.
+    path: checkpoint folder written by :func:`save` (local or a ``scheme://`` URL).
     phi_like: a tree with the structure, shapes and dtypes of ``phi`` (arrays or
-      ``jax.ShapeDtypeStruct``; ``None`` holes where ``phi`` has them). Leaves with a
-      ``sharding`` are placed with it.
-    opt_state_like: the same for the optimizer state (e.g. ``optimizer.init(phi)``).
+      ``jax.ShapeDtypeStruct``; ``None`` holes where ``phi`` has them). A leaf's
+      ``sharding`` (any mesh, device count or process count) is where it is restored.
+    opt_state_like: the same for the optimizer state (e.g. ``jax.eval_shape(opt.init,
+      phi)``), or ``None`` to restore ``phi`` alone.
+    shardings: where leaves go when the template has no ``sharding``: one
+      ``jax.sharding.Sharding`` for every leaf, or a pair ``(phi_shardings,
+      opt_state_shardings)`` of trees shaped like the templates (``None`` entries
+      keep the template's). Default: the first local device (replicated over all
+      devices with several processes).
 
   Returns:
-    A :class:`Checkpoint` ``(phi, opt_state, step, metadata)``.
+    A :class:`Checkpoint` ``(phi, opt_state, step, metadata)``; ``opt_state`` is
+    ``None`` when ``opt_state_like`` is.
 
   Raises:
-    ValueError: naming the path, shape and dtype of the first leaf that does not match.
+    FileNotFoundError: no checkpoint at ``path``.
+    ValueError: the templates do not fit the checkpoint; the message lists every
+      differing path with its shape and dtype on both sides, and the checkpoint's leaves.
   """
-  import orbax.checkpoint as ocp
-  path = os.path.abspath(os.fspath(path))
+  path = _resolve(path)
   meta = read_metadata(path)
-  ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-  if any(meta["leaves"][p] for p in _PARTS):
-    state = ckptr.restore(path, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  if shardings is None or isinstance(shardings, jax.sharding.Sharding):
+    part_shardings = (shardings, shardings)
+  elif isinstance(shardings, (tuple, list)) and len(shardings) == 2:
+    part_shardings = tuple(shardings)
   else:
-    state = {}
-  phi = _fill("phi", phi_like, state.get("phi") or {}, meta["leaves"]["phi"])
-  opt = _fill("opt_state", opt_state_like, state.get("opt_state") or {}, meta["leaves"]["opt_state"])
-  return Checkpoint(phi=phi, opt_state=opt, step=meta["step"], metadata=meta["metadata"])
+    raise TypeError("restore: shardings must be a jax.sharding.Sharding or a pair "
+                    f"(phi_shardings, opt_state_shardings), got {type(shardings).__name__}")
+  templates = {"phi": phi_like, "opt_state": opt_state_like}
+  wanted = {}
+  for (part, template), sh in zip(templates.items(), part_shardings):
+    if part == "opt_state" and template is None:
+      continue
+    targets = _targets(part, template, sh)
+    _check_template(path, part, targets, meta["leaves"][part])
+    wanted[part] = targets
+  args = {part: _ocp().args.StandardRestore(_nest([(k, _abstract(x, s)) for k, x, s in targets], part))
+          for part, targets in wanted.items() if targets}
+  state = _checkpointer().restore(path, args=_ocp().args.Composite(**args)) if args else {}
+  out = {}
+  for part, targets in wanted.items():
+    leaves = []
+    for keys, _, sharding in targets:
+      node = state[part]
+      for k in keys or ("_root",):
+        node = node[k]
+      if getattr(sharding, "memory_kind", None) not in (None, "device"):
+        node = jax.device_put(node, sharding)
+      leaves.append(node)
+    out[part] = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(templates[part]), leaves)
+  return Checkpoint(phi=out["phi"], opt_state=out.get("opt_state"), step=meta["step"],
+                    metadata=meta["metadata"])

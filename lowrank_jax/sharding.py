@@ -3,24 +3,69 @@
 Sharding uses only ``jax.jit`` with ``NamedSharding`` inputs (``pjit`` is deprecated):
 place the arrays, and the compiled step follows their shardings.
 
-* :func:`make_mesh` builds a mesh from a string: ``"data:2,model:4"``.
+* :func:`make_mesh` builds a mesh from a string, ``"data:2,fsdp:2,tensor:2"``, with
+  ``jax.make_mesh`` (device order that follows the physical topology on TPU/GPU),
+  falling back to the plain device order where the backend has no topology to use.
 * :func:`partition_specs` gives a ``PartitionSpec`` per leaf from ``(regex, spec)``
-  rules, first match wins (default: replicated). Specs that do not divide a leaf's
-  shape raise an error naming the path, shape and mesh.
+  rules, first match wins (default: replicated). :func:`decoder_rules` and
+  :func:`bert_rules` are the layouts of our model families (below); put your own
+  ``(regex, spec)`` pairs first to override them.
 * :func:`fsdp_specs` shards every leaf along its largest axis divisible by the
   axis size (ZeRO-3 / FSDP style), for ``theta0`` or full fine-tuning.
-* :func:`phi_specs` derives adapter placements from the base weight's spec: an
-  adapter factor that shares the base's input dimension (LoRA ``a [in, r]``) is
-  sharded like the base's input axis, one that shares the output dimension
-  (``b [r, out]``) like its output axis, so the low-rank matmuls stay local.
+* :func:`phi_specs` derives adapter placements from the base weight's spec.
 * :func:`shard` places a tree (``None`` holes allowed); :func:`like` places an
-  optimizer state the way its parameters are placed (optax states mirror them).
+  optimizer state the way its parameters are placed.
+
+Layout rules (``fsdp`` and ``tensor`` are mesh axis names, either may be ``None``):
+
+========================================  ===========================  =================
+leaf (Flax layout ``[in, out]``)          spec                         why
+========================================  ===========================  =================
+``q_proj``/``k_proj``/``v_proj`` kernel   ``P(fsdp, tensor)``          column parallel:
+BERT ``query``/``key``/``value``                                       heads split
+``o_proj``, BERT ``attention/output``     ``P(tensor, fsdp)``          row parallel
+``gate_proj``/``up_proj``, BERT           ``P(fsdp, tensor)``          column parallel
+``intermediate``
+``down_proj``, BERT ``layer_i/output``    ``P(tensor, fsdp)``          row parallel
+MoE ``experts/{gate,up}_proj`` [E,D,F]    ``P(expert, fsdp, tensor)``  experts split
+MoE ``experts/down_proj`` [E,F,D]         ``P(expert, tensor, fsdp)``
+``router`` [D,E]                          ``P(fsdp)``
+``embed_tokens``/``word_embeddings``      ``P(tensor, fsdp)``          vocab parallel
+``lm_head`` [D,V]                         ``P(fsdp, tensor)``
+column-parallel biases                    ``P(tensor)``
+norms, other biases, prefixes, adapters   replicated                   small
+========================================  ===========================  =================
+
+Column-parallel outputs feed row-parallel inputs, so each attention and MLP block
+needs one all-reduce (Megatron-LM, Shoeybi et al., arXiv 1909.08053); ``fsdp`` splits
+the other axis and is all-gathered at use (ZeRO-3, Rajbhandari et al., arXiv 1910.02054).
+
+Everything derived from a base weight is placed from the base's spec:
+
+* adapters (:func:`phi_specs`): a factor sharing the base's input dimension (LoRA
+  ``a [in, r]``) takes the input axis's entry, one sharing the output dimension
+  (``b [r, out]``) the output axis's entry, a vector of the output size (DoRA's
+  magnitude) the output entry, a full-size leaf (``full``) the whole spec; so the
+  low-rank matmuls stay local. ``chain`` phis (tuples) are handled element-wise.
+* quantized bases (``QuantizedWeight``): the spec is the *weight's*; the codec maps it
+  onto its buffers (``buffer_specs``: 4-bit codes ``[..., out/2]`` and block scales
+  ``[..., out/block]`` take the weight's spec), so FSDP gathers 4-bit codes.
+* optimizer states (:func:`like`): a state leaf under a parameter's path takes the
+  parameter's spec on every axis whose size it shares (Adam's moments entirely,
+  GaLore's projector ``[m, r]`` / moments ``[r, n]`` on the shared axis), codec nodes
+  (8-bit Adam's ``Blockwise8``) through their ``buffer_specs``; offloaded state keeps its
+  memory kind.
+
+A spec that does not divide a leaf raises a ``ValueError`` naming the path, shape,
+mesh axis and size; ``on_indivisible="replicate"`` replicates such leaves instead and
+says which (a ``UserWarning``).
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any, Optional, Sequence
+import warnings
+from typing import Any, Callable, Literal, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
@@ -30,75 +75,230 @@ from lowrank_jax import lazy, tree as tree_lib
 
 PyTree = Any
 Rules = Sequence[tuple[str, P]]
+Axis = Optional[str]
+OnIndivisible = Literal["error", "replicate"]
 
-__all__ = ["make_mesh", "partition_specs", "fsdp_specs", "phi_specs", "shard", "like",
-           "replicated"]
+__all__ = ["make_mesh", "parse_mesh_spec", "partition_specs", "fsdp_specs", "phi_specs", "shard",
+           "like", "replicated", "decoder_rules", "bert_rules", "named_shardings", "shape_structs",
+           "leaf_shardings"]
 
 
-def make_mesh(spec: str, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-  """A mesh from ``"name:size,name:size"``; one size may be ``-1`` (the rest of the devices).
+# ----------------------------------------------------------------------------- meshes
 
-  Args:
-    spec: e.g. ``"data:2,model:4"`` or ``"fsdp:-1"``.
-    devices: defaults to ``jax.devices()``.
-  """
-  devices = list(jax.devices() if devices is None else devices)
+def parse_mesh_spec(spec: str, num_devices: int) -> tuple[tuple[str, ...], tuple[int, ...]]:
+  """``"name:size,..."`` -> ``(names, sizes)``; one size may be ``-1`` (the rest of the devices)."""
   names, sizes = [], []
   for part in spec.split(","):
     name, _, size = part.strip().partition(":")
     if not name or not size.lstrip("-").isdigit():
       raise ValueError(f"bad mesh spec part {part!r} in {spec!r}; expected 'name:size'")
+    if name in names:
+      raise ValueError(f"mesh spec {spec!r} names axis {name!r} twice")
     names.append(name)
     sizes.append(int(size))
   if sizes.count(-1) > 1:
     raise ValueError(f"mesh spec {spec!r}: at most one axis may be -1")
+  if any(s < 1 and s != -1 for s in sizes):
+    raise ValueError(f"mesh spec {spec!r}: sizes must be positive (or one -1)")
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
-    if len(devices) % known:
-      raise ValueError(f"mesh spec {spec!r}: {len(devices)} devices not divisible by {known}")
-    sizes[sizes.index(-1)] = len(devices) // known
+    if num_devices % known:
+      raise ValueError(f"mesh spec {spec!r}: {num_devices} devices not divisible by {known}")
+    sizes[sizes.index(-1)] = num_devices // known
   n = int(np.prod(sizes))
-  if n > len(devices):
-    raise ValueError(f"mesh spec {spec!r} needs {n} devices, {len(devices)} available")
-  return Mesh(np.asarray(devices[:n]).reshape(sizes), tuple(names))
+  if n > num_devices:
+    raise ValueError(f"mesh spec {spec!r} needs {n} devices, {num_devices} available")
+  return tuple(names), tuple(sizes)
 
 
-def _axis_size(mesh: Mesh, entry) -> int:
-  if entry is None:
-    return 1
-  names = entry if isinstance(entry, tuple) else (entry,)
-  return int(np.prod([mesh.shape[n] for n in names]))
+def make_mesh(spec: str, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+  """A mesh from ``"name:size,name:size"``; one size may be ``-1`` (the rest of the devices).
 
+  The devices are ordered by ``jax.make_mesh`` (the physical topology on TPU and GPU:
+  the last axes over the fastest links); where it cannot lay out the shape (CPU, a
+  shape the topology does not fit) they are taken in ``devices`` order. Axes are
+  ``AxisType.Auto`` (GSPMD propagation), as ``jax.sharding.Mesh`` makes them.
 
-def _check(path: str, shape: tuple, spec: P, mesh: Mesh) -> None:
-  if len(spec) > len(shape):
-    raise ValueError(f"spec {spec} has more entries than leaf '{path}' of shape {shape} has axes")
-  for ax, entry in enumerate(spec):
-    size = _axis_size(mesh, entry)
-    if shape[ax] % size:
-      raise ValueError(f"leaf '{path}' of shape {shape}: axis {ax} ({shape[ax]}) is not divisible "
-                       f"by mesh axis {entry!r} of size {size} (mesh {dict(mesh.shape)})")
+  Args:
+    spec: e.g. ``"data:2,model:4"``, ``"data:2,fsdp:2,tensor:2"`` or ``"fsdp:-1"``.
+    devices: defaults to ``jax.devices()`` (every process's devices); a mesh smaller
+      than the list takes its first devices.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  names, sizes = parse_mesh_spec(spec, len(devices))
+  chosen = devices[:int(np.prod(sizes))]
+  auto = (jax.sharding.AxisType.Auto,) * len(names)
+  try:
+    return jax.make_mesh(sizes, names, axis_types=auto, devices=chosen)
+  except (ValueError, NotImplementedError, AssertionError) as e:
+    if chosen[0].platform != "cpu":
+      warnings.warn(f"make_mesh({spec!r}): jax.make_mesh could not follow the device topology "
+                    f"({e}); using the device order as given", RuntimeWarning, stacklevel=2)
+    return Mesh(np.asarray(chosen).reshape(sizes), names, axis_types=auto)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def partition_specs(tree: PyTree, rules: Rules, mesh: Mesh) -> PyTree:
-  """``PartitionSpec`` per leaf: the first ``(regex, spec)`` whose regex matches the path."""
+# ------------------------------------------------------------------------ spec checks
+
+def _norm(*entries) -> P:
+  """``P(*entries)``, or ``P()`` when every entry is ``None`` (``P(None, None) != P()``)."""
+  return P(*entries) if any(e is not None for e in entries) else P()
+
+
+def _axis_size(sizes: Mapping[str, int], entry) -> int:
+  if entry is None:
+    return 1
+  names = entry if isinstance(entry, tuple) else (entry,)
+  return int(np.prod([sizes[n] for n in names]))
+
+
+def _problem(shape: tuple, spec: P, sizes: Mapping[str, int]) -> Optional[str]:
+  """Why ``spec`` cannot shard ``shape`` on a mesh of ``sizes``, or ``None``."""
+  if len(spec) > len(shape):
+    return f"spec {spec} has more entries than the {len(shape)} axes"
+  for ax, entry in enumerate(spec):
+    names = () if entry is None else entry if isinstance(entry, tuple) else (entry,)
+    unknown = [n for n in names if n not in sizes]
+    if unknown:
+      return f"mesh has no axis {unknown[0]!r} (axes {dict(sizes)})"
+    size = _axis_size(sizes, entry)
+    if shape[ax] % size:
+      return (f"axis {ax} ({shape[ax]}) is not divisible by mesh axis {entry!r} of size {size} "
+              f"(mesh {dict(sizes)})")
+  return None
+
+
+def _check(path: str, shape: tuple, spec: P, mesh: Mesh) -> None:
+  why = _problem(tuple(shape), spec, dict(mesh.shape))
+  if why is not None:
+    raise ValueError(f"leaf '{path}' of shape {tuple(shape)}: {why}")
+
+
+def _is_spec(x) -> bool:
+  return isinstance(x, P)
+
+
+def _is_leaf(x) -> bool:
+  return x is None or lazy.is_lazy(x)
+
+
+def _items(tree: PyTree) -> list[tuple[str, Any]]:
+  """``[(path, leaf)]`` with ``None`` holes and lazy weights as leaves."""
+  leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_leaf)
+  return [(tree_lib.path_str(p), x) for p, x in leaves]
+
+
+def leaf_shardings(x: Any, spec: Any, mesh: Mesh, path: str = "", *,
+                   memory_kind: Optional[str] = None) -> Any:
+  """The ``NamedSharding`` (tree) that places leaf ``x`` by the *logical* spec ``spec``.
+
+  An array gets ``NamedSharding(mesh, spec)``. A lazy weight (a quantized base) is
+  placed by its ``buffer_specs(spec, axis_sizes)`` (the codec maps the weight's spec
+  onto its buffers); a lazy weight without it gets ``spec`` on its buffers shaped like
+  the weight and replication elsewhere. ``spec`` may also be a ready tree of specs.
+
+  Raises:
+    ValueError: naming ``path``, the shape and the mesh axis when ``spec`` does not divide.
+  """
+  def named(s):
+    return NamedSharding(mesh, s, memory_kind=memory_kind)
+
+  if not _is_spec(spec):  # already a tree of specs matching x
+    return jax.tree.map(named, spec, is_leaf=_is_spec)
+  shape = tuple(x.shape)
+  _check(path, shape, spec, mesh)
+  if not lazy.is_lazy(x):
+    return named(spec)
+  buffer_specs = getattr(x, "buffer_specs", None)
+  if buffer_specs is not None:
+    try:
+      specs = buffer_specs(spec, dict(mesh.shape))
+    except ValueError as e:
+      raise ValueError(f"leaf '{path}' of shape {shape} ({type(x).__name__}): {e}") from None
+    return jax.tree.map(named, specs, is_leaf=_is_spec)
+  return jax.tree.map(lambda b: named(spec if tuple(b.shape) == shape else P()), x)
+
+
+# ------------------------------------------------------------------------------ rules
+
+def _warn_replicated(reasons: list[str]) -> None:
+  if reasons:
+    more = f" (and {len(reasons) - 10} more)" if len(reasons) > 10 else ""
+    warnings.warn("sharding: replicated instead of sharded: " + "; ".join(reasons[:10]) + more,
+                  UserWarning, stacklevel=3)
+
+
+def partition_specs(tree: PyTree, rules: Rules, mesh: Mesh, *,
+                    on_indivisible: OnIndivisible = "error") -> PyTree:
+  """``PartitionSpec`` per leaf: the first ``(regex, spec)`` whose regex matches the path.
+
+  Lazy leaves (quantized bases) get the spec of the weight they stand for; :func:`shard`
+  maps it onto their buffers.
+
+  Args:
+    tree: the parameters (arrays, lazy weights, ``jax.ShapeDtypeStruct``).
+    rules: ``(regex, PartitionSpec)`` pairs, searched in order (``re.search``).
+    mesh: the mesh the specs refer to.
+    on_indivisible: ``"error"``: a spec that does not divide its leaf raises a
+      ``ValueError`` naming the path, shape, mesh axis and size; ``"replicate"``: the
+      leaf is replicated and a warning lists the reasons.
+  """
   compiled = [(re.compile(r), s) for r, s in rules]
-  items = tree_lib.flatten_with_paths(tree)
-  out = []
-  for path, x in items:
+  out, reasons = [], []
+  for path, x in _items(tree):
+    if x is None:
+      out.append(None)
+      continue
     spec = next((s for r, s in compiled if r.search(path)), P())
-    _check(path, tuple(x.shape), spec, mesh)
+    try:
+      leaf_shardings(x, spec, mesh, path)
+    except ValueError as e:
+      if on_indivisible != "replicate":
+        raise
+      reasons.append(str(e))
+      spec = P()
     out.append(spec)
-  treedef = jax.tree_util.tree_structure(tree, is_leaf=lazy.is_lazy)
-  return jax.tree_util.tree_unflatten(treedef, out)
+  _warn_replicated(reasons)
+  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(tree, is_leaf=_is_leaf), out)
+
+
+def decoder_rules(*, fsdp: Axis = "fsdp", tensor: Axis = "tensor", expert: Axis = None) -> list:
+  """The decoder layout (``models/decoder.py`` paths) as ``(regex, spec)`` rules; see the
+  module docstring. Pass ``None`` for an axis the mesh does not have."""
+  col, row = _norm(fsdp, tensor), _norm(tensor, fsdp)
+  return [
+    (r"experts/(gate_proj|up_proj)/kernel$", _norm(expert, fsdp, tensor)),
+    (r"experts/down_proj/kernel$", _norm(expert, tensor, fsdp)),
+    (r"router/kernel$", _norm(fsdp)),
+    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)/kernel$", col),
+    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)/bias$", _norm(tensor)),
+    (r"(o_proj|down_proj)/kernel$", row),
+    (r"(embed_tokens|embedding)/embedding$", _norm(tensor, fsdp)),
+    (r"lm_head/kernel$", col),
+  ]
+
+
+def bert_rules(*, fsdp: Axis = "fsdp", tensor: Axis = "tensor") -> list:
+  """The BERT layout (``models/bert.py`` paths) as ``(regex, spec)`` rules."""
+  col, row = _norm(fsdp, tensor), _norm(tensor, fsdp)
+  return [
+    (r"attention/(query|key|value)/kernel$", col),
+    (r"attention/(query|key|value)/bias$", _norm(tensor)),
+    (r"attention/output/kernel$", row),
+    (r"intermediate/kernel$", col),
+    (r"intermediate/bias$", _norm(tensor)),
+    (r"layer_\d+/output/kernel$", row),
+    (r"word_embeddings/embedding$", _norm(tensor, fsdp)),
+  ]
 
 
 def fsdp_specs(tree: PyTree, mesh: Mesh, axis: str = "fsdp", min_size: int = 2**14) -> PyTree:
-  """Shards each leaf with at least ``min_size`` entries along its largest divisible axis."""
+  """Shards each leaf with at least ``min_size`` entries along its largest axis that the
+  mesh axis divides (for a quantized leaf: that its codec's buffers divide too);
+  smaller leaves and leaves no axis fits are replicated."""
   n = mesh.shape[axis]
 
   def spec(x):
@@ -106,72 +306,183 @@ def fsdp_specs(tree: PyTree, mesh: Mesh, axis: str = "fsdp", min_size: int = 2**
     if int(np.prod(shape)) < min_size:
       return P()
     for ax in sorted(range(len(shape)), key=lambda a: -shape[a]):
+      s = P(*([None] * ax + [axis]))
       if shape[ax] % n == 0:
-        return P(*([None] * ax + [axis]))
+        try:
+          leaf_shardings(x, s, mesh)
+        except ValueError:
+          continue
+        return s
     return P()
 
   return jax.tree.map(spec, tree, is_leaf=lazy.is_lazy)
 
 
+# ---------------------------------------------------------------- derived placements
+
+def _components(path: str) -> tuple[str, ...]:
+  return tuple(c for c in path.split("/") if c)
+
+
+class _ParamIndex:
+  """Finds the parameter whose path lies inside a derived leaf's path (adapter factor,
+  optimizer state): the longest window of path components, the rightmost on ties."""
+
+  def __init__(self, params: PyTree, specs: PyTree):
+    treedef = jax.tree_util.tree_structure(params, is_leaf=_is_leaf)
+    flat_specs = treedef.flatten_up_to(specs)
+    self.by_path: dict[tuple[str, ...], tuple[tuple[int, ...], Any]] = {}
+    for (path, x), s in zip(_items(params), flat_specs):
+      if x is not None and s is not None:
+        self.by_path[_components(path)] = (tuple(x.shape), s)
+    self.lengths = sorted({len(k) for k in self.by_path}, reverse=True)
+
+  def find(self, path: str):
+    comps = _components(path)
+    for length in self.lengths:
+      for start in range(len(comps) - length, -1, -1):
+        hit = self.by_path.get(comps[start:start + length])
+        if hit is not None:
+          return hit
+    return None
+
+
+def _entries(spec: P, ndim: int) -> list:
+  return list(spec) + [None] * (ndim - len(spec))
+
+
+def _shared_axes_spec(shape: tuple, base_shape: tuple, spec: P) -> P:
+  """The base's spec on every axis where ``shape`` and ``base_shape`` agree (same rank)."""
+  e = _entries(spec, len(base_shape))
+  return _norm(*(e[i] if shape[i] == base_shape[i] else None for i in range(len(shape))))
+
+
+def _adapter_spec(shape: tuple, base_shape: tuple, spec: P) -> P:
+  """Placement of an adapter array of ``shape`` for a base of ``base_shape`` placed by ``spec``.
+
+  The base is seen as the matrix ``[prod(S[:k]), prod(S[k:])]``: a merged axis takes the
+  entry of its leading base axis when the others in it are unsharded.
+  """
+  S, e = tuple(base_shape), _entries(spec, len(base_shape))
+  if shape == S:
+    return _norm(*e)
+  if len(S) >= 2 and len(shape) == 2:
+    for k in range(1, len(S)):  # a [d_in, r]
+      if shape[0] == int(np.prod(S[:k])) and all(x is None for x in e[1:k]):
+        return _norm(e[0], None)
+    for k in range(len(S) - 1, 0, -1):  # b [r, d_out]
+      if shape[1] == int(np.prod(S[k:])) and all(x is None for x in e[k + 1:]):
+        return _norm(None, e[k])
+  if len(S) >= 2 and len(shape) == 1:  # per-output vectors (DoRA magnitude), then per-input
+    if shape[0] == S[-1]:
+      return _norm(e[-1])
+    if shape[0] == S[0]:
+      return _norm(e[0])
+  if len(shape) == len(S):
+    return _shared_axes_spec(shape, S, spec)
+  return P()
+
+
 def phi_specs(phi: PyTree, theta0: PyTree, theta0_specs: PyTree) -> PyTree:
   """Adapter placements derived from the base weights' specs.
 
-  For each adapted leaf with base spec ``P(in_axis, out_axis)``, an adapter array whose
-  first dimension equals the base's ``d_in`` gets ``P(in_axis, None)``, one whose last
-  dimension equals ``d_out`` gets ``P(None, out_axis)``; everything else (vectors,
-  small factors) is replicated.
+  Each ``phi`` leaf is matched to the base weight whose path lies inside its own
+  (``l1/kernel`` for ``l1/kernel/a``; any ``chain`` position, ``(phi_lora, phi_full)``
+  included) and placed by the rules in the module docstring: for a base ``P(in_axis,
+  out_axis)``, LoRA's ``a [in, r]`` gets ``P(in_axis)``, ``b [r, out]`` gets
+  ``P(None, out_axis)``, a full-size leaf the base's spec. Leaves matching no base
+  (prefixes, bottleneck adapters) and specs that would not divide are replicated.
+
+  Returns:
+    A tree with ``phi``'s structure: a ``PartitionSpec`` per array, ``None`` per hole.
   """
-  base_items = tree_lib.flatten_with_paths(theta0)
-  treedef = jax.tree_util.tree_structure(theta0, is_leaf=lazy.is_lazy)
-  specs = treedef.flatten_up_to(theta0_specs)
-  phis = treedef.flatten_up_to(phi)
+  index = _ParamIndex(theta0, theta0_specs)
+  items = _items(phi)
   out = []
-  for (path, w), spec, p in zip(base_items, specs, phis):
-    if p is None:
+  for path, a in items:
+    if a is None:
       out.append(None)
       continue
-    shape = tuple(w.shape)
-    s_in = spec[0] if len(spec) > 0 else None
-    s_out = spec[-1] if len(spec) == len(shape) and len(shape) >= 2 else None
+    hit = index.find(path)
+    out.append(P() if hit is None else _adapter_spec(tuple(a.shape), hit[0], hit[1]))
+  treedef = jax.tree_util.tree_structure(phi, is_leaf=_is_leaf)
+  return jax.tree_util.tree_unflatten(treedef, out)
 
-    def leaf_spec(a, shape=shape, s_in=s_in, s_out=s_out):
-      a_shape = tuple(a.shape)
-      if len(shape) == 2 and len(a_shape) == 2:
-        if a_shape == shape:
-          return P(s_in, s_out)
-        if a_shape[0] == shape[0] and s_in is not None:
-          return P(s_in, None)
-        if a_shape[-1] == shape[-1] and s_out is not None:
-          return P(None, s_out)
-      if a_shape == shape:
-        return P(*spec)
-      return P()
 
-    out.append(jax.tree.map(leaf_spec, p))
+# ------------------------------------------------------------------------- placement
+
+def named_shardings(tree: PyTree, specs: PyTree, mesh: Mesh) -> PyTree:
+  """``NamedSharding`` (trees for lazy leaves) per leaf of ``tree``; ``None`` holes kept."""
+  treedef = jax.tree_util.tree_structure(tree, is_leaf=_is_leaf)
+  out = [None if x is None else leaf_shardings(x, s, mesh, path)
+         for (path, x), s in zip(_items(tree), treedef.flatten_up_to(specs))]
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def shard(tree: PyTree, specs: PyTree, mesh: Mesh) -> PyTree:
-  """``jax.device_put`` every array leaf with ``NamedSharding(mesh, spec)``."""
-  return jax.tree.map(lambda x, s: None if x is None else jax.device_put(x, NamedSharding(mesh, s)),
-                      tree, specs, is_leaf=lambda x: x is None or lazy.is_lazy(x))
+  """``jax.device_put`` every array leaf with ``NamedSharding(mesh, spec)``; a lazy leaf
+  (quantized base) is placed buffer by buffer from its weight's spec."""
+  shardings = named_shardings(tree, specs, mesh)
+  return jax.tree.map(lambda x, s: None if x is None else jax.device_put(x, s), tree, shardings,
+                      is_leaf=_is_leaf)
+
+
+def shape_structs(tree: PyTree, specs: PyTree, mesh: Mesh) -> PyTree:
+  """``jax.ShapeDtypeStruct`` with its target sharding per array of ``tree`` (arrays or
+  abstract values): a template for :func:`lowrank_jax.checkpoint.restore` onto ``mesh``."""
+  shardings = named_shardings(tree, specs, mesh)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
+def _memory_kind(x) -> Optional[str]:
+  kind = getattr(getattr(x, "sharding", None), "memory_kind", None)
+  return None if kind in (None, "device") else kind
+
+
+def _is_codec(x) -> bool:
+  return callable(getattr(x, "buffer_specs", None)) and not isinstance(x, P)
 
 
 def like(state: PyTree, params: PyTree, param_specs: PyTree, mesh: Mesh) -> PyTree:
-  """Places an optimizer state: a leaf whose path ends with a parameter's path and has its
-  shape gets that parameter's spec; everything else (counts, projectors) is replicated."""
-  by_path = {p: (tuple(x.shape), s) for (p, x), s in zip(
-      tree_lib.flatten_with_paths(params), jax.tree_util.tree_leaves(
-          param_specs, is_leaf=lambda s: isinstance(s, P)))}
+  """Places an optimizer state the way its parameters are placed.
 
-  def place(path, x):
-    comps = path.split("/")
-    for i in range(len(comps)):  # the longest parameter path that is a suffix of the state path
-      hit = by_path.get("/".join(comps[i:]))
-      if hit is not None and tuple(x.shape) == hit[0]:
-        return jax.device_put(x, NamedSharding(mesh, hit[1]))
-    return jax.device_put(x, replicated(mesh))
+  A state leaf whose path contains a parameter's path (optax moments ``0/mu/<path>``,
+  GaLore's ``projector/<path>``, leafwise/offload pages ``pages/states/<path>/...``) gets
+  the parameter's spec on the axes it shares with the parameter (all of them for
+  Adam's moments; the ``m`` axis of a GaLore projector ``[m, r]``); a codec node (8-bit
+  Adam's ``Blockwise8`` moments) is placed by its ``buffer_specs``. Counts, scalars
+  and leaves matching no parameter are replicated. A leaf in host memory (offloaded
+  state) stays in its memory kind.
+  """
+  index = _ParamIndex(params, param_specs)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(state, is_leaf=_is_codec)
 
-  items = tree_lib.flatten_with_paths(state)
-  treedef = jax.tree_util.tree_structure(state, is_leaf=lazy.is_lazy)
-  return jax.tree_util.tree_unflatten(treedef, [place(p, x) for p, x in items])
+  def place(path: str, x):
+    kind = _memory_kind(jax.tree.leaves(x)[0]) if jax.tree.leaves(x) else None
+    hit = index.find(path)
+    if _is_codec(x):
+      spec = P() if hit is None else _codec_spec(x, hit, mesh)
+      return jax.device_put(x, leaf_shardings(x, spec, mesh, path, memory_kind=kind))
+    shape = tuple(np.shape(x))
+    spec = P()
+    if hit is not None and len(shape) == len(hit[0]) and shape:
+      spec = _shared_axes_spec(shape, hit[0], hit[1])
+      if _problem(shape, spec, dict(mesh.shape)) is not None:
+        spec = P()
+    return jax.device_put(x, NamedSharding(mesh, spec, memory_kind=kind))
+
+  placed = [place(tree_lib.path_str(p), x) for p, x in leaves]
+  return jax.tree_util.tree_unflatten(treedef, placed)
+
+
+def _codec_spec(x, hit, mesh: Mesh):
+  """The buffer specs of a codec node holding a parameter-shaped tensor (its ``shape``
+  equals the parameter's), or replication."""
+  base_shape, spec = hit
+  if tuple(getattr(x, "shape", ())) != tuple(base_shape):
+    return P()
+  try:
+    return x.buffer_specs(spec, dict(mesh.shape))
+  except ValueError:
+    return P()
