@@ -2,7 +2,7 @@
 
     python -m bench.methods [--methods lora,dora,...] [--steps 5] [--dropout 0.0] [--rss]
 
-Setup as bench/lora_step.py (shared/notes/anchor_figures.md): all-MiniLM-L6-v2, batch 32,
+Setup as bench/lora_step.py (bench/README.md): all-MiniLM-L6-v2, batch 32,
 sequence 64, random ids, no padding, 3-class head on [CLS] (always trained in full), AdamW
 (lr 1e-4, weight decay 0.01, eps 1e-8), jitted step from ``lowrank_jax.train.make_train_step``
 with buffer donation, dropout off unless ``--dropout``. Each step figure is the median of
@@ -17,126 +17,77 @@ Method notes: adapters and prefix tuning are read by the model from the paramete
 (``layer_i/*_adapter`` subtrees, ``bert/prefix``); AdaLoRA's step is the adapter's
 forward/backward/update only (no orthogonal regulariser, no rank allocator); Intrinsic SAID
 moves the encoder weights (``--said-where``) through one ``d``-dim vector (``--said-d``) and
-materialises them every step; QLoRA stores the encoder kernels as NF4 + double quantization.
+materialises them every step; QLoRA stores the encoder kernels as NF4 + double quantization;
+LoftQ (NF4), QA-LoRA and L4Q (int4, groups of 32 input rows) rewrite the q,v kernels at
+initialisation (``lj.initialize``). Rows are named as the registry names the methods
+(``lowrank_jax.methods.registry``), plus the variants of :data:`VARIANTS`.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import subprocess
 import sys
-from typing import Callable
+from typing import Any, Mapping, NamedTuple, Optional
 
 import numpy as np
 
 from bench import first_and_median
+from lowrank_jax.methods import registry
 
 B, T, N_CLASSES = 32, 64, 3
 QV = r"(query|value)/kernel"
-
-# name -> (label, builder(theta0, args) -> (theta0', reparam or None)); None = frozen forward.
-METHODS: dict[str, tuple[str, Callable]] = {}
-
-
-def method(name: str, label: str):
-  def deco(fn):
-    METHODS[name] = (label, fn)
-    return fn
-  return deco
+FF = r"layer_\d+/output/kernel$"
+ENCODER_KERNELS = r"^bert/encoder/.*/kernel$"
+HEAD = r"^head/"
 
 
-@method("lora", "LoRA r8 q,v")
-def _lora(theta0, a):
-  import lowrank_jax as lj
-  return theta0, lj.lora(QV, rank=8, alpha=16)
+class Row(NamedTuple):
+  """One benchmarked configuration."""
+  label: str
+  method: Optional[str]                    # registry name; None: the frozen forward
+  params: Mapping[str, Any] = {}           # the method's parameters (checked by the registry)
+  quant: Optional[Mapping[str, Any]] = None  # lj.quantize keywords applied to the base first
 
 
-@method("dora", "DoRA r8 q,v")
-def _dora(theta0, a):
-  return theta0, importlib.import_module("lowrank_jax.methods.dora").dora(QV, rank=8, alpha=16)
+# The bench setting of every registered method, under its registry name (tests/test_bench.py
+# checks that none is missing and that each parses). Intrinsic SAID's d and where come from
+# --said-d and --said-where.
+SETTINGS: dict[str, Row] = {
+    "lora": Row("LoRA r8 q,v", "lora", {"where": QV, "rank": 8, "alpha": 16}),
+    "dora": Row("DoRA r8 q,v", "dora", {"where": QV, "rank": 8, "alpha": 16}),
+    "lokr": Row("LoKr r8 q,v", "lokr", {"where": QV, "rank": 8, "alpha": 16}),
+    "loha": Row("LoHa r8 q,v", "loha", {"where": QV, "rank": 8, "alpha": 16}),
+    "glora": Row("GLoRA r8 q,v", "glora", {"where": QV, "rank": 8}),
+    "adalora": Row("AdaLoRA r12 q,v", "adalora", {"where": QV, "init_r": 12, "alpha": 8.0}),
+    "vera": Row("VeRA r256 q,v", "vera", {"where": QV, "rank": 256}),
+    # peft's BERT defaults: key, value, output.dense; feed-forward (input scaling): output.dense
+    "ia3": Row("IA3 k,v,ffn-out", "ia3", {"where": rf"(attention/(key|value)/kernel$|{FF})",
+                                          "feedforward": FF}),
+    "intrinsic_said": Row("Intrinsic SAID", "intrinsic_said", {"d": 1000, "where": r"^bert/encoder/"}),
+    "bottleneck_adapters": Row("Adapters Houlsby m=24", "bottleneck_adapters",
+                               {"placement": "houlsby", "reduction_factor": 16}),
+    "prefix_tuning": Row("Prefix tuning P=10", "prefix_tuning", {"num_prefix": 10}),
+    "full": Row("full fine-tune", "full", {"where": None}),
+    "loftq": Row("LoftQ NF4 r8 q,v", "loftq", {"where": QV, "rank": 8, "alpha": 16}),
+    "qalora": Row("QA-LoRA int4 g32 r8 q,v", "qalora", {"where": QV, "rank": 8, "alpha": 16, "group_size": 32}),
+    "l4q": Row("L4Q int4 g32 r8 q,v", "l4q", {"where": QV, "rank": 8, "alpha": 16, "group_size": 32}),
+}
 
+# Further rows: other settings of a registered method, and the frozen forward.
+VARIANTS: dict[str, Row] = {
+    "adapters_pfeiffer": Row("Adapters Pfeiffer m=24", "bottleneck_adapters",
+                             {"placement": "pfeiffer", "reduction_factor": 16}),
+    "prefix_mlp": Row("Prefix tuning P=10, MLP 512", "prefix_tuning", {"num_prefix": 10, "reparam_mlp": 512}),
+    "qlora": Row("QLoRA NF4+DQ, r8 q,v", "lora", {"where": QV, "rank": 8, "alpha": 16},
+                 quant={"where": ENCODER_KERNELS, "codec": "nf4"}),
+    "frozen": Row("frozen forward", None),
+}
 
-@method("lokr", "LoKr r8 q,v")
-def _lokr(theta0, a):
-  return theta0, importlib.import_module("lowrank_jax.methods.lokr").lokr(QV, rank=8, alpha=16)
-
-
-@method("loha", "LoHa r8 q,v")
-def _loha(theta0, a):
-  return theta0, importlib.import_module("lowrank_jax.methods.loha").loha(QV, rank=8, alpha=16)
-
-
-@method("vera", "VeRA r256 q,v")
-def _vera(theta0, a):
-  return theta0, importlib.import_module("lowrank_jax.methods.vera").vera(QV, rank=256)
-
-
-@method("ia3", "IA3 k,v,ffn-out")
-def _ia3(theta0, a):
-  # peft's BERT defaults: key, value, output.dense; feed-forward (input scaling): output.dense.
-  ff = r"layer_\d+/output/kernel$"
-  return theta0, importlib.import_module("lowrank_jax.methods.ia3").ia3(rf"(attention/(key|value)/kernel$|{ff})",
-                                                          feedforward=ff)
-
-
-@method("glora", "GLoRA r8 q,v")
-def _glora(theta0, a):
-  return theta0, importlib.import_module("lowrank_jax.methods.glora").glora(QV, rank=8)
-
-
-@method("adalora", "AdaLoRA r12 q,v")
-def _adalora(theta0, a):
-  return theta0, importlib.import_module("lowrank_jax.methods.adalora").adalora(QV, init_r=12, alpha=8.0)
-
-
-@method("said", "Intrinsic SAID")
-def _said(theta0, a):
-  fn = importlib.import_module("lowrank_jax.methods.said").intrinsic_said
-  return theta0, fn(a.said_d, where=a.said_where)
-
-
-@method("adapters", "Adapters Houlsby m=24")
-def _adapters(theta0, a):
-  return theta0, importlib.import_module("lowrank_jax.methods.adapters").bottleneck_adapters("houlsby", reduction_factor=16)
-
-
-@method("adapters_pfeiffer", "Adapters Pfeiffer m=24")
-def _pfeiffer(theta0, a):
-  return theta0, importlib.import_module("lowrank_jax.methods.adapters").bottleneck_adapters("pfeiffer", reduction_factor=16)
-
-
-@method("prefix", "Prefix tuning P=10")
-def _prefix(theta0, a):
-  return theta0, importlib.import_module("lowrank_jax.methods.prefix").prefix_reparam(10)
-
-
-@method("prefix_mlp", "Prefix tuning P=10, MLP 512")
-def _prefix_mlp(theta0, a):
-  return theta0, importlib.import_module("lowrank_jax.methods.prefix").prefix_reparam(10, reparam_mlp=512)
-
-
-@method("qlora", "QLoRA NF4+DQ, r8 q,v")
-def _qlora(theta0, a):
-  import lowrank_jax as lj
-  quantize = importlib.import_module("lowrank_jax.quant.qlora").quantize
-  return quantize(theta0, r"^bert/encoder/.*/kernel$", codec="nf4"), lj.lora(QV, rank=8, alpha=16)
-
-
-@method("full", "full fine-tune")
-def _full(theta0, a):
-  import lowrank_jax as lj
-  return theta0, lj.full(None)
-
-
-@method("frozen", "frozen forward")
-def _frozen(theta0, a):
-  return theta0, None
-
-
-DEFAULT = ",".join(METHODS)
+ROWS: dict[str, Row] = {**{n: SETTINGS[n] for n in registry.METHODS if n in SETTINGS}, **VARIANTS}
+DEFAULT = ",".join(ROWS)
 
 
 def _memory(theta0, phi, opt_state) -> tuple[int, int]:
@@ -175,9 +126,10 @@ def run_methods(names: list[str], a) -> dict:
   opt = optax.adamw(1e-4, eps=1e-8, weight_decay=0.01)
   out = {}
   for name in names:
-    label, build = METHODS[name]
-    theta0, method_ = build(base, a)
-    if method_ is None:  # frozen forward
+    row = ROWS[name]
+    label = row.label
+    theta0 = base if row.quant is None else lj.quantize(base, **row.quant)
+    if row.method is None:  # frozen forward
       fwd = jax.jit(lambda t, b: bert.classifier_logits(
           t["head"], bert.bert_forward(t["bert"], config, b["input_ids"], b["attention_mask"])))
       first, step_t = first_and_median(lambda: jax.block_until_ready(fwd(theta0, batch)), a.steps)
@@ -186,7 +138,11 @@ def run_methods(names: list[str], a) -> dict:
                    "phi_opt_bytes": 0, "frozen_bytes": frozen_b}
       print(f"  {name}: {out[name]['step']:.3f} s", flush=True)
       continue
-    reparam = method_ if name == "full" else lj.chain(method_, lj.full(r"^head/"))
+    kw = dict(row.params)
+    if row.method == "intrinsic_said":
+      kw.update(d=a.said_d, where=a.said_where)
+    method_ = registry.build(row.method, **kw)
+    reparam = method_ if row.method == "full" else lj.chain(method_, lj.full(HEAD))
     theta0, phi = lj.initialize(reparam, jax.random.key(1), theta0)
     state = opt.init(phi)
     n_params = lj.count_params(phi)
@@ -218,7 +174,7 @@ def _child(name: str, a) -> dict:
       os.path.abspath(__file__))))
   lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
   if proc.returncode != 0 or not lines:
-    return {name: {"label": METHODS[name][0], "skipped": f"subprocess failed: {proc.stderr[-300:]}"}}
+    return {name: {"label": ROWS[name].label, "skipped": f"subprocess failed: {proc.stderr[-300:]}"}}
   return json.loads(lines[-1])
 
 
@@ -262,7 +218,7 @@ def main(argv=None) -> None:
   p.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
   a = p.parse_args(argv)
   names = [n.strip() for n in a.methods.split(",") if n.strip()]
-  unknown = [n for n in names if n not in METHODS]
+  unknown = [n for n in names if n not in ROWS]
   if unknown:
     p.error(f"unknown methods {unknown}; known: {DEFAULT}")
   if a.rss:

@@ -24,7 +24,6 @@ def test_first_and_median_counts_the_first_call_as_warmup():
   assert len(calls) == 1 + 3
 
 
-
 def test_interleaved_medians_alternates_the_variants_round_by_round():
   order = []
   fns = {name: (lambda name=name: order.append(name)) for name in ("a", "b", "c")}
@@ -72,3 +71,19 @@ def test_gemm_floor_sums_count_times_time():
   assert gemm_floor.floor([1.0] * len(counts)) == sum(counts)
   times = [0.001 * (i + 1) for i in range(len(counts))]
   assert abs(gemm_floor.floor(times) - sum(c * t for c, t in zip(counts, times))) < 1e-12
+
+
+def test_bench_methods_has_a_valid_row_for_every_registered_method():
+  """``bench.methods`` takes its methods from the registry: a setting for each (under the
+  registry name), every row a valid registry config, every row in the default run."""
+  from bench import methods
+  from lowrank_jax.methods import registry
+  assert set(methods.SETTINGS) == set(registry.METHODS)
+  assert all(row.method == name for name, row in methods.SETTINGS.items())
+  assert methods.DEFAULT.split(",") == list(methods.ROWS)
+  for name, row in methods.ROWS.items():
+    if row.method is None:
+      assert name == "frozen"
+      continue
+    cfg = registry.parse(row.method, row.params)  # raises on a stale setting
+    assert cfg.method_name == row.method
