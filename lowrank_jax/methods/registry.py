@@ -42,13 +42,15 @@ from lowrank_jax.methods.dora import dora
 from lowrank_jax.methods.full import full
 from lowrank_jax.methods.glora import glora
 from lowrank_jax.methods.ia3 import ia3
+from lowrank_jax.methods.l4q import l4q
+from lowrank_jax.methods.loftq import loftq
 from lowrank_jax.methods.loha import loha
 from lowrank_jax.methods.lokr import lokr
 from lowrank_jax.methods.lora import lora
 from lowrank_jax.methods.prefix import prefix_reparam
+from lowrank_jax.methods.qalora import qalora
 from lowrank_jax.methods.said import intrinsic_said
 from lowrank_jax.methods.vera import vera
-from lowrank_jax.quant import l4q, loftq, qalora
 from lowrank_jax.reparam import Reparam, chain
 
 __all__ = ["ConfigError", "MethodConfig", "MethodSpec", "METHODS", "get", "build", "parse",
@@ -434,6 +436,3 @@ def markdown_table() -> str:
                  f"{s.lazy_matmul or '-'} |")
   return "\n".join(lines)
 
-
-if __name__ == "__main__":
-  print(markdown_table())

@@ -193,8 +193,8 @@ def _readme() -> str:
 
 def test_readme_method_table_is_the_generated_one():
   table = registry.markdown_table()
-  assert table in _readme(), ("README.md's method table differs from the registry's; regenerate it with "
-                              "`python -m lowrank_jax.methods.registry` and paste it:\n" + table)
+  assert table in _readme(), ("README.md's method table differs from the registry's; paste this "
+                              "(`registry.markdown_table()`) in its place:\n" + table)
 
 
 def test_every_method_has_a_readme_row():
