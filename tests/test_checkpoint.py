@@ -159,3 +159,94 @@ def test_failed_overwrite_keeps_the_old_checkpoint(tmp_path, monkeypatch):
   r = ckpt.restore(tmp_path / "c", phi)
   assert r.step == 1
   chex.assert_trees_all_equal(r.phi, phi)
+
+
+needs_8 = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 devices "
+                             "(XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+
+
+@needs_8
+def test_restore_onto_other_meshes(tmp_path):
+  """Saved on 8 devices as fsdp x tensor, restored on 4, 2, 1 device(s) and replicated."""
+  import numpy as np
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from lowrank_jax import sharding
+  k = jax.random.split(jax.random.key(3), 2)
+  phi = {"q": {"a": jax.random.normal(k[0], (16, 4)), "b": jax.random.normal(k[1], (4, 32))},
+         "bias": jnp.arange(32.0)}
+  specs = {"q": {"a": P("fsdp", None), "b": P(None, "tensor")}, "bias": P("tensor")}
+  mesh8 = sharding.make_mesh("fsdp:4,tensor:2")
+  opt = optax.adam(1e-2)
+  sphi = sharding.shard(phi, specs, mesh8)
+  sstate = sharding.like(opt.init(sphi), sphi, specs, mesh8)
+  assert sstate[0].mu["q"]["b"].sharding.spec == P(None, "tensor")
+  ckpt.save(tmp_path / "c", sphi, sstate, step=5)
+  want_state = jax.tree.map(np.asarray, sstate)
+  for devices, spec in [(jax.devices()[:4], "fsdp:2,tensor:2"), (jax.devices()[2:4], "fsdp:2,tensor:1"),
+                        (jax.devices()[7:], "fsdp:1,tensor:1"), (jax.devices(), "fsdp:1,tensor:8")]:
+    mesh = sharding.make_mesh(spec, devices)
+    phi_like = sharding.shape_structs(phi, specs, mesh)
+    state_like = jax.eval_shape(opt.init, phi)
+    r = ckpt.restore(tmp_path / "c", phi_like, state_like,
+                     shardings=(None, NamedSharding(mesh, P())))
+    chex.assert_trees_all_equal(jax.tree.map(np.asarray, r.phi), jax.tree.map(np.asarray, phi))
+    chex.assert_trees_all_equal(jax.tree.map(np.asarray, r.opt_state), want_state)
+    assert r.phi["q"]["b"].sharding == NamedSharding(mesh, P(None, "tensor"))
+    assert r.opt_state[0].mu["q"]["a"].sharding == NamedSharding(mesh, P())
+    assert r.step == 5
+  # no sharding anywhere: the first local device
+  r = ckpt.restore(tmp_path / "c", jax.tree.map(np.asarray, phi))
+  assert r.phi["bias"].sharding == jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+
+def test_restore_phi_alone_and_error_lists_both_sides(tmp_path):
+  phi, opt, step = _setup()
+  opt_state = opt.init(phi)
+  phi, opt_state, _ = step(phi, opt_state)
+  ckpt.save(tmp_path / "c", phi, opt_state, step=1, metadata={"rng": [0, 42]})
+  r = ckpt.restore(tmp_path / "c", jax.eval_shape(lambda: phi))
+  chex.assert_trees_all_equal(r.phi, phi)
+  assert r.opt_state is None and r.metadata == {"rng": [0, 42]}
+  wrong = jax.tree.map(lambda x: x, phi)
+  wrong["dense"]["kernel"]["a"] = jnp.zeros((8, 3))
+  with pytest.raises(ValueError) as e:
+    ckpt.restore(tmp_path / "c", wrong)
+  msg = str(e.value)
+  assert "leaf 'dense/kernel/a' is (8, 2) float32 in the checkpoint but (8, 3) float32" in msg
+  assert "holds (phi):\n    dense/kernel/a  (8, 2) float32\n    dense/kernel/b  (2, 6) float32" in msg
+  assert "the template asks for:\n    dense/kernel/a  (8, 3) float32" in msg
+  with pytest.raises(TypeError, match="shardings must be a jax.sharding.Sharding or a pair"):
+    ckpt.restore(tmp_path / "c", phi, shardings="cpu")
+
+
+def test_metadata_must_be_json(tmp_path):
+  phi, _, _ = _setup()
+  with pytest.raises(TypeError, match=r"metadata\['rng'\] is a ArrayImpl"):
+    ckpt.save(tmp_path / "c", phi, metadata={"rng": jax.random.key_data(jax.random.key(0))})
+  with pytest.raises(TypeError, match=r"metadata\['data'\]\[1\] is a set"):
+    ckpt.save(tmp_path / "c", phi, metadata={"data": [1, {2}]})
+  assert not (tmp_path / "c").exists()
+
+
+def test_remote_paths_reach_orbax_unchanged(monkeypatch):
+  """A ``gs://`` (any ``scheme://``) path is given to Orbax as is, not made a local path."""
+  seen = []
+
+  class Recorder:
+    def save(self, path, args):
+      seen.append(("save", path))
+
+    def restore(self, path, args):
+      seen.append(("restore", path))
+      return {"meta": {"format": ckpt.FORMAT, "step": 3, "metadata": {},
+                       "leaves": {"phi": {"w": [[2], "float32"]}, "opt_state": {}}},
+              "phi": {"w": jnp.ones(2)}}
+
+  monkeypatch.setattr(ckpt, "_checkpointer", Recorder)
+  monkeypatch.setattr(ckpt, "_exists", lambda p: p in [s[1] for s in seen])
+  url = "gs://bucket/run/step_3"
+  ckpt.save(url, {"w": jnp.ones(2)}, step=3)
+  r = ckpt.restore(url, {"w": jnp.zeros(2)})
+  assert seen == [("save", url), ("restore", url), ("restore", url)]
+  assert r.step == 3
+  assert ckpt._resolve("s3://b/x") == "s3://b/x" and ckpt._resolve("rel/x") == os.path.abspath("rel/x")
