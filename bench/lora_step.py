@@ -4,7 +4,7 @@ batch and thread count, side by side in one run.
 
     python -m bench.lora_step [--dropout 0.1] [--steps 8] [--no-torch]
 
-Setup as in shared/notes/anchor_figures.md: all-MiniLM-L6-v2, batch 32, sequence 64,
+Setup as the reference measurements in bench/README.md: all-MiniLM-L6-v2, batch 32, sequence 64,
 random ids over the vocabulary, no padding, 3-class head on [CLS], AdamW (lr 1e-4,
 weight decay 0.01, eps 1e-8: torch's defaults), LoRA r=8 alpha=16 on query+value; ``--dropout``
 is the model's hidden and attention dropout and LoRA's adapter-input dropout, on both sides.

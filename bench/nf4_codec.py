@@ -2,8 +2,8 @@
 
     python -m bench.nf4_codec [--size 4096] [--reps 20] [--block 64] [--no-bnb]
 
-A float32 ``size x size`` N(0,1) matrix (default 4096^2 = 16.8M params, as the anchor
-figures Q1-Q4 of shared/notes/anchor_figures.md), NF4 with double quantization,
+A float32 ``size x size`` N(0,1) matrix (default 4096^2 = 16.8M params, as the
+bitsandbytes reference measurements in bench/README.md), NF4 with double quantization,
 block 64. Each time is the median of ``--reps`` calls after 2 warm-ups
 (``block_until_ready`` for JAX). bitsandbytes runs with ``torch.set_num_threads``
 equal to the CPU count JAX sees. Also checks that both produce identical bytes.

@@ -25,10 +25,10 @@ regenerated inside :func:`apply` from the static ``seed`` (nothing extra stored 
 or the optimizer state) by a counter-based hash of the entry index, elementwise and
 ``O(D)``: ``Π`` is a keyed pseudo-random bijection of ``[0, L)`` (four rounds of
 add-multiply-xorshift on ``log2 L`` bits), not a uniformly drawn permutation, which would
-need an ``O(L log L)`` sort every step (that sort made a SAID step 13x a LoRA step).
+need an ``O(L log L)`` sort every step (far slower; bench/README.md, ``methods``).
 A step still needs the dense gradient of every moved tensor (the backward pass of full
-fine-tuning) plus the transforms: on every MiniLM encoder leaf about 2.2x a LoRA q,v step
-(``python -m bench.methods --methods lora,said``).
+fine-tuning) plus the transforms, so it costs more than a full fine-tuning step
+(``python -m bench.methods --methods lora,intrinsic_said,full``; figures in bench/README.md).
 
 Differences from the reference code:
 
@@ -55,7 +55,7 @@ __all__ = ["fwht", "FastfoodParams", "fastfood_params", "fastfood", "intrinsic_s
 PyTree = Any
 
 
-_FWHT_RADIX = 5  # butterflies of 2^5 = 32 points as small GEMMs (3x faster than radix 2 on CPU)
+_FWHT_RADIX = 5  # butterflies of 2^5 = 32 points as small GEMMs (faster than radix 2, bench/README.md)
 
 
 def _sylvester(m: int, dtype) -> jax.Array:

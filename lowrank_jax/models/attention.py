@@ -17,7 +17,7 @@ attention, Ainslie et al., arXiv 2305.13245). Three implementations, one semanti
   of storing it, and without differentiation it runs the ``dpa`` forward. On XLA:CPU
   this is what ``"auto"`` picks: the autodiff backward of the einsum or ``dpa`` forms
   lets XLA build large fused dot+softmax kernels that are slower than these separate
-  GEMMs (2-5% of a MiniLM LoRA step in interleaved runs; README, Benchmarks).
+  GEMMs (``bench.lora_step`` figures in bench/README.md).
 
 Fully masked rows attend uniformly to every key in all three (the logits are set to
 the dtype's minimum, not ``-inf``), and pass no gradient to ``q`` or ``k``.
