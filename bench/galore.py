@@ -5,8 +5,8 @@ AdamW if torch imports), state bytes and step times side by side in one run.
                            [--rank 128] [--gap 200] [--no-torch] [--no-offload]
 
 Setup as the galore-torch reference measurements (bench/README.md): ``layers`` x
-(Linear(dim, dim) + GELU), batch 256, MSE to a random target, rank 128, update_proj_gap 200, scale 0.25, lr 1e-3,
-GaLore on the 4 weight matrices, plain Adam(W) on the biases. Figures:
+(Linear(dim, dim) + GELU), batch 256, MSE to a random target, rank 128, update_proj_gap 200,
+scale 0.25, lr 1e-3, GaLore on the 4 weight matrices, plain Adam(W) on the biases. Figures:
 
 * state: optimizer state bytes (and its ratio to AdamW's);
 * step: jitted fwd + bwd + optimizer on a non-refresh step (median of ``--steps``);
