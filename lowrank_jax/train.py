@@ -26,6 +26,7 @@ PyTree = Any
 LossFn = Callable[[PyTree, dict, Optional[jax.Array]], tuple[jax.Array, dict]]
 
 __all__ = [
+  "all_finite",
   "make_train_step",
   "make_eval_step",
   "softmax_cross_entropy",
@@ -42,9 +43,16 @@ def softmax_cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Arr
   return loss, {"loss": loss, "accuracy": acc}
 
 
+def all_finite(tree: PyTree) -> jax.Array:
+  """``True`` when every element of every floating leaf of ``tree`` is finite."""
+  flags = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
+           if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  return jnp.stack(flags).all() if flags else jnp.asarray(True)
+
+
 def make_train_step(reparam: Reparam, optimizer: optax.GradientTransformation, loss_fn: LossFn, *,
                     regularizer: Optional[Callable[[PyTree], jax.Array]] = None,
-                    donate: bool = True, jit: bool = True):
+                    donate: bool = True, jit: bool = True, check_finite: bool = False):
   """Builds ``step(phi, opt_state, theta0, batch, rng) -> (phi, opt_state, metrics)``.
 
   Args:
@@ -56,6 +64,8 @@ def make_train_step(reparam: Reparam, optimizer: optax.GradientTransformation, l
       orthogonality penalty); reported as ``metrics["regularizer"]``.
     donate: donate ``phi`` and ``opt_state`` buffers to the update (in-place on device).
     jit: wrap in ``jax.jit``.
+    check_finite: add ``metrics["finite"]``: the loss, the gradients and the updated
+      ``phi`` are all finite (one reduction over ``phi`` per step).
   """
 
   def step(phi, opt_state, theta0, batch, rng):
@@ -79,6 +89,8 @@ def make_train_step(reparam: Reparam, optimizer: optax.GradientTransformation, l
     metrics = dict(metrics)
     metrics.setdefault("loss", loss)
     metrics["grad_norm"] = optax.tree.norm(grads)
+    if check_finite:
+      metrics["finite"] = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"]) & all_finite(phi)
     return phi, opt_state, metrics
 
   if jit:
