@@ -25,14 +25,20 @@ All shapes are read from ``phi``, so :func:`prefixes` needs nothing else. Initia
 follows peft (``torch.nn.Embedding``: ``N(0, 1)`` for the direct prefix and for ``E``;
 ``torch.nn.Linear``: ``U(±1/sqrt(fan_in))`` for the MLP's kernels and biases).
 
-**Using it with a model.** A prefix is an input of the forward pass, not a weight:
-``bert_forward(params, config, ids, mask, prefix=prefixes(phi))`` (the model prepends the
-prefixes after its key/value projections, extends the mask with ones and, as Hugging
-Face BERT with ``past_key_values``, starts the position ids at ``P``).
-For code that only sees ``theta = reparam.apply(theta0, phi)``, :func:`prefix_reparam`
-is a :class:`~lowrank_jax.Reparam` that stores the list of ``(P_K, P_V)`` pairs under the
-reserved key ``theta[at]["prefix"]`` (:data:`PREFIX_KEY`); :func:`split_prefix` takes it
-back out: ``params, prefix = split_prefix(theta["bert"])``.
+**Using it with a model.** :func:`prefix_tuning` is a :class:`~lowrank_jax.Reparam`
+over the tree holding the model: ``apply(theta0, phi)`` puts layer ``l``'s prefix into the
+model-owned slot ``<layer l>/prefix = {"key": [P, K, hd], "value": [P, K, hd]}``
+(:mod:`lowrank_jax.models.slots`; ``[P, D]`` when the model description does not give the
+heads), which the forward pass reads: BERT and the decoders prepend it after their key/value
+projections and extend the mask with ones; BERT, as Hugging Face with ``past_key_values``,
+starts its position ids at ``P``; the decoders store keys post-RoPE and keep the positions.
+``model=`` (``bert.slots(config)``, ``slots.decoder_slots(config)``) says where the layers
+are and sizes them (default: BERT's layout). Internally it is an :func:`~lowrank_jax.adapt`
+of a method with shared parameters only: it anchors at every layer's key projection (whose
+width is ``D``), ``phi`` is the prefix tree above, ``prepare`` evaluates the MLP once and
+``insert`` fills the slots. Without a tree, ``prefixes(phi)`` gives the model's explicit
+``prefix=`` argument: ``bert_forward(params, config, ids, mask, prefix=prefixes(phi))``;
+:func:`split_prefix` takes the slots back out of a tree.
 """
 
 from __future__ import annotations
@@ -40,19 +46,21 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from lowrank_jax import tree as tree_lib
-from lowrank_jax.reparam import Reparam
+from lowrank_jax.models import slots as slots_lib
+from lowrank_jax.reparam import LeafMethod, MatrixView, Reparam, adapt
 
 __all__ = [
   "PREFIX_KEY",
   "PrefixTuning",
   "prefix_tuning",
+  "prefix_method",
   "init_prefix",
   "prefixes",
   "materialize_prefix",
@@ -161,28 +169,111 @@ def prefix_param_count(num_layers: int, num_prefix: int, hidden: int,
   return num_prefix * d_e + d_e * mlp_hidden + mlp_hidden + 2 * num_layers * hidden * (mlp_hidden + 1)
 
 
-class PrefixTuning(NamedTuple):
-  """Prefix tuning for a model of known size.
-
-  Attributes:
-    init: ``key -> phi``.
-    prefixes: ``phi -> [(P_K, P_V), ...]`` per layer (each ``[P, D]``).
-    materialize: ``phi -> phi`` in the direct form (drops the MLP).
-  """
-  init: Callable[[jax.Array], PyTree]
-  prefixes: Callable[[PyTree], Prefixes]
-  materialize: Callable[[PyTree], PyTree]
+def _model(model: Optional[slots_lib.ModelSlots]) -> slots_lib.ModelSlots:
+  return slots_lib.bert_slots() if model is None else model
 
 
-def prefix_tuning(num_layers: int, num_prefix: int, hidden: int, *,
+def _layer_order(model: slots_lib.ModelSlots, views: Mapping[str, MatrixView]) -> tuple[list[str], int]:
+  """The anchors (key projections) in layer order, and their common width ``D``."""
+  by_index = {}
+  for path in views:
+    by_index[model.match(path, slots_lib.PREFIX)[1]] = path
+  idx = sorted(by_index)
+  if idx != list(range(len(idx))):
+    raise ValueError(f"prefix tuning: the layers of {model.family} found in the tree are {idx}, "
+                     f"not 0..L-1 (prefixes are stored per layer index)")
+  if model.num_layers is not None and len(idx) != model.num_layers:
+    raise ValueError(f"prefix tuning: found {len(idx)} layers of {model.family}, the model "
+                     f"description has {model.num_layers}")
+  paths = [by_index[i] for i in idx]
+  widths = {views[p].d_out for p in paths}
+  if len(widths) != 1:
+    raise ValueError(f"prefix tuning: the key projections of {model.family} differ in width {sorted(widths)}")
+  return paths, widths.pop()
+
+
+def prefix_method(num_prefix: int, *, model: Optional[slots_lib.ModelSlots] = None,
                   reparam_mlp: Optional[int] = None, embed_dim: Optional[int] = None,
-                  init_std: float = 1.0, dtype=jnp.float32) -> PrefixTuning:
-  """Prefix tuning of an ``L``-layer model of width ``D`` with ``P`` prefix slots per layer.
+                  init_std: float = 1.0, dtype=jnp.float32) -> LeafMethod:
+  """Prefix tuning as a :class:`~lowrank_jax.LeafMethod` with shared parameters only.
+
+  It anchors at each layer's key projection kernel (``model``'s ``prefix`` anchor, whose
+  output width is ``D = K * hd``); ``init_shared`` draws the prefix parameters (direct or
+  MLP form) for the ``L`` layers found, ``prepare`` materialises them into per-layer
+  ``{"key", "value"}`` of shape ``[P, K, hd]`` (``[P, D]`` without the heads), ``insert``
+  puts each into its layer's ``prefix`` slot.
+  """
+  _check_sizes(1, num_prefix, 1, reparam_mlp, embed_dim)
+  m = _model(model)
+
+  def validate(path: str, view: MatrixView):
+    if m.match(path, slots_lib.PREFIX) is None:
+      raise ValueError(f"prefix tuning: leaf '{path}' is not a key projection of {m.family} "
+                       f"({m.anchor_regex(slots_lib.PREFIX)})")
+
+  def init_shared(key, views):
+    paths, width = _layer_order(m, views)
+    m.prefix_shape(num_prefix, width)  # checks the width against the heads
+    return init_prefix(key, len(paths), num_prefix, width, mlp_hidden=reparam_mlp,
+                       embed_dim=embed_dim, init_std=init_std, dtype=dtype)
+
+  def prepare(shared, views):
+    paths, width = _layer_order(m, views)
+    direct = materialize_prefix(shared)
+    n_layers, p_len, d = direct["key"].shape
+    if n_layers != len(paths) or d != width:
+      raise ValueError(f"prefix tuning: prefixes of shape {direct['key'].shape} do not fit "
+                       f"{m.family} with {len(paths)} layers of key width {width}")
+    shape = m.prefix_shape(p_len, width)
+    return {path: {"key": direct["key"][i].reshape(shape), "value": direct["value"][i].reshape(shape)}
+            for i, path in enumerate(paths)}
+
+  def insert(path, phi_leaf, layer_prefix):
+    layer, _ = m.match(path, slots_lib.PREFIX)
+    return {m.slot_path(layer, slots_lib.PREFIX): layer_prefix}
+
+  return LeafMethod(name="prefix tuning", init_leaf=None, apply_leaf=None, validate=validate,
+                    init_shared=init_shared, prepare=prepare, insert=insert)
+
+
+class PrefixTuning(Reparam):
+  """Prefix tuning: a :class:`~lowrank_jax.Reparam` (``init``, ``apply``,
+  ``init_with_base``, ``unmerge``) with the helpers of its ``phi``.
+
+  ``init(key, theta0=None)``: without ``theta0`` the sizes given to
+  :func:`prefix_tuning` (``num_layers`` and ``hidden``, or a sized ``model``) are used.
+  """
+  __slots__ = ()
+
+  @staticmethod
+  def prefixes(phi: PyTree) -> Prefixes:
+    """Per-layer ``[(P_K, P_V), ...]``, each ``[P, D]`` (the model's ``prefix=`` argument)."""
+    return prefixes(phi)
+
+  @staticmethod
+  def materialize(phi: PyTree) -> PyTree:
+    """``phi`` in the direct form (drops the MLP)."""
+    return materialize_prefix(phi)
+
+
+def prefix_tuning(num_layers: Optional[int] = None, num_prefix: Optional[int] = None,
+                  hidden: Optional[int] = None, *, model: Optional[slots_lib.ModelSlots] = None,
+                  num_virtual_tokens: Optional[int] = None, reparam_mlp: Optional[int] = None,
+                  embed_dim: Optional[int] = None, init_std: float = 1.0,
+                  dtype=jnp.float32) -> PrefixTuning:
+  """Prefix tuning with ``P`` prefix slots per layer, as a :class:`~lowrank_jax.Reparam`.
+
+  ``prefix_tuning(model=bert.slots(config), num_virtual_tokens=P)`` (or
+  ``slots.decoder_slots(config)``); the older ``prefix_tuning(L, P, D)`` describes a
+  BERT-layout model by its sizes and keeps working (``init(key)`` needs no tree then).
 
   Args:
-    num_layers: ``L``.
-    num_prefix: ``P``.
-    hidden: ``D`` (the key/value width, all heads).
+    num_layers: ``L`` (old form; else read from the tree or ``model``).
+    num_prefix: ``P`` (old name of ``num_virtual_tokens``).
+    hidden: ``D``, the key/value width, all heads (old form).
+    model: where the model's layers are (:class:`~lowrank_jax.models.slots.ModelSlots`;
+      default: BERT's layout anywhere in the tree).
+    num_virtual_tokens: ``P`` (peft's name).
     reparam_mlp: hidden width of the reparametrisation MLP ``P = MLP(E)`` (``None``:
       train the prefixes directly).
     embed_dim: ``d_e``, the width of ``E`` (default ``D``).
@@ -190,81 +281,87 @@ def prefix_tuning(num_layers: int, num_prefix: int, hidden: int, *,
     dtype: parameter dtype.
 
   Returns:
-    A :class:`PrefixTuning`; pass ``prefixes(phi)`` as the model's ``prefix=``.
+    A :class:`PrefixTuning` (a ``Reparam``): ``phi`` is the prefix tree (direct
+    ``{"key", "value"}: [L, P, D]`` or the MLP form), ``apply`` fills the layers'
+    ``prefix`` slots, ``unmerge`` removes them; ``.prefixes(phi)`` and ``.materialize(phi)``.
   """
-  _check_sizes(num_layers, num_prefix, hidden, reparam_mlp, embed_dim)
-  return PrefixTuning(
-      init=lambda key: init_prefix(key, num_layers, num_prefix, hidden, mlp_hidden=reparam_mlp,
-                                   embed_dim=embed_dim, init_std=init_std, dtype=dtype),
-      prefixes=prefixes, materialize=materialize_prefix)
+  if num_prefix is not None and num_virtual_tokens is not None and num_prefix != num_virtual_tokens:
+    raise ValueError(f"prefix tuning: num_prefix={num_prefix} and num_virtual_tokens="
+                     f"{num_virtual_tokens} disagree (they are the same P)")
+  p_len = num_virtual_tokens if num_virtual_tokens is not None else num_prefix
+  if p_len is None:
+    raise ValueError("prefix tuning: pass num_virtual_tokens= (P, the prefix length)")
+  if model is not None and (num_layers is not None or hidden is not None):
+    raise ValueError("prefix tuning: pass the model's sizes through model= (ModelSlots) or as "
+                     "num_layers/hidden (BERT layout), not both")
+  _check_sizes(1 if num_layers is None else num_layers, p_len, 1 if hidden is None else hidden,
+               reparam_mlp, embed_dim)
+  if model is None:
+    model = slots_lib.bert_slots(num_layers=num_layers)
+  width = hidden if hidden is not None else model.kv_width
+  inner = adapt(prefix_method(p_len, model=model, reparam_mlp=reparam_mlp, embed_dim=embed_dim,
+                              init_std=init_std, dtype=dtype), model.where(slots_lib.PREFIX))
 
+  def init(key: jax.Array, theta0: PyTree = None) -> PyTree:
+    if theta0 is not None:
+      return inner.init(key, theta0)
+    if model.num_layers is None or width is None:
+      raise ValueError(f"prefix tuning: init(key) without a tree needs the number of layers and the "
+                       f"key width; {model.family}'s description has num_layers={model.num_layers}, "
+                       f"kv width={width}; call init(key, theta0)")
+    return init_prefix(jax.random.split(key)[1], model.num_layers, p_len, width, mlp_hidden=reparam_mlp,
+                       embed_dim=embed_dim, init_std=init_std, dtype=dtype)
 
-def _model_node(theta: PyTree, at: str) -> Mapping:
-  node = theta
-  for part in [p for p in at.split("/") if p]:
-    if not isinstance(node, Mapping) or part not in node:
-      keys = sorted(node) if isinstance(node, Mapping) else type(node).__name__
-      raise ValueError(f"prefix_reparam: no model subtree '{at}' in theta (keys: {keys})")
-    node = node[part]
-  return node
-
-
-def _model_sizes(theta0: PyTree, at: str) -> tuple[int, int]:
-  """``(L, D)`` of the BERT-layout model at ``at``: ``encoder/layer_i/attention/key/kernel``."""
-  model = _model_node(theta0, at)
-  enc = model.get("encoder") if isinstance(model, Mapping) else None
-  idx = sorted(int(m[1]) for k in (enc or {}) if (m := re.fullmatch(r"layer_(\d+)", str(k))))
-  if not idx or idx != list(range(len(idx))):
-    raise ValueError(f"prefix_reparam: '{at}' has no encoder/layer_0..layer_(L-1) "
-                     f"(found {sorted(enc) if enc else None})")
-  w = enc["layer_0"]["attention"]["key"]["kernel"]
-  return len(idx), int(w.shape[-1])
+  return PrefixTuning(init=init, apply=inner.apply, init_with_base=inner.init_with_base,
+                      unmerge=inner.unmerge)
 
 
 def prefix_reparam(num_prefix: int, *, reparam_mlp: Optional[int] = None,
-                   embed_dim: Optional[int] = None, at: str = "bert", init_std: float = 1.0,
-                   dtype=jnp.float32) -> Reparam:
-  """Prefix tuning as a :class:`~lowrank_jax.Reparam` over the tree holding the model.
+                   embed_dim: Optional[int] = None, at: Optional[str] = "bert", init_std: float = 1.0,
+                   dtype=jnp.float32, model: Optional[slots_lib.ModelSlots] = None) -> PrefixTuning:
+  """Prefix tuning of the model at ``at`` inside the tree (BERT layout by default).
 
-  ``L`` and ``D`` are read from ``theta0`` at ``at`` (BERT layout). ``phi`` is the
-  prefix parameter tree (direct or MLP form, see the module docstring; a materialised
-  ``phi`` works too); it does not mirror ``theta0``. ``apply(theta0, phi)`` returns
-  ``theta0`` with ``theta[at]["prefix"] = prefixes(phi)`` added (the other nodes
-  shared); read it back with :func:`split_prefix`. ``unmerge`` removes it.
+  ``prefix_tuning(model=(model or bert_slots()).at(at), num_virtual_tokens=num_prefix, ...)``:
+  ``L`` and ``D`` are read from ``theta0``; ``apply`` fills each layer's ``prefix`` slot
+  (read it back with :func:`split_prefix`); ``unmerge`` removes them.
 
   Args:
     num_prefix: ``P``.
     reparam_mlp, embed_dim, init_std, dtype: as in :func:`prefix_tuning`.
-    at: '/'-path of the model parameters inside ``theta`` (``""`` for the root).
+    at: '/'-path of the model parameters inside ``theta`` (``""`` for the root, ``None``:
+      anywhere).
+    model: the model's slots (default: BERT's layout).
   """
-  _check_sizes(1, num_prefix, 1, reparam_mlp, embed_dim)
-  key_path = f"{at}/{PREFIX_KEY}" if at else PREFIX_KEY
-
-  def init(key, theta0):
-    n_layers, hidden = _model_sizes(theta0, at)
-    return init_prefix(key, n_layers, num_prefix, hidden, mlp_hidden=reparam_mlp,
-                       embed_dim=embed_dim, init_std=init_std, dtype=dtype)
-
-  def apply(theta0, phi, rng=None):
-    n_layers, hidden = _model_sizes(theta0, at)
-    direct = materialize_prefix(phi)
-    if direct["key"].shape[0] != n_layers or direct["key"].shape[-1] != hidden:
-      raise ValueError(f"prefix_reparam: prefixes of shape {direct['key'].shape} do not fit a model "
-                       f"with {n_layers} layers of width {hidden} at '{at}'")
-    return tree_lib.with_subtree(theta0, key_path, prefixes(direct))
-
-  def unmerge(theta, phi):
-    return tree_lib.without_subtree(theta, key_path)
-
-  return Reparam(init=init, apply=apply, init_with_base=lambda key, theta0: (theta0, init(key, theta0)),
-                 unmerge=unmerge)
+  return prefix_tuning(model=_model(model).at(at), num_virtual_tokens=num_prefix,
+                       reparam_mlp=reparam_mlp, embed_dim=embed_dim, init_std=init_std, dtype=dtype)
 
 
-def split_prefix(params: PyTree) -> tuple[PyTree, Optional[Prefixes]]:
-  """``(params without the prefix, prefix or None)`` of a model tree from :func:`prefix_reparam`."""
+def split_prefix(params: PyTree, model: Optional[slots_lib.ModelSlots] = None
+                 ) -> tuple[PyTree, Optional[Prefixes]]:
+  """``(params without the prefixes, [(P_K, P_V) or None per layer] or None)``.
+
+  Reads the per-layer ``prefix`` slots that :func:`prefix_tuning` fills (each pair in the
+  stored shape, ``[P, K, hd]`` or ``[P, D]``), or the older top-level ``params["prefix"]``
+  list. ``model``: where the layers are in ``params`` (default: BERT's layout).
+  """
   if isinstance(params, Mapping) and PREFIX_KEY in params:
     return {k: v for k, v in params.items() if k != PREFIX_KEY}, list(params[PREFIX_KEY])
-  return params, None
+  m = _model(model)
+  layer_rx = re.compile(f"^{m.layer_regex()}/")
+  slot_rx = re.compile(f"^{m.layer_regex()}/{PREFIX_KEY}/(?:key|value)$")
+  paths = tree_lib.leaf_paths(params)
+  layers = {int(h.group(2)): h["layer"] for h in map(layer_rx.match, paths) if h}
+  found = {int(h.group(2)): h["layer"] for h in map(slot_rx.match, paths) if h}
+  if not found:
+    return params, None
+  out: list = [None] * (max(layers) + 1)
+  for i, layer in found.items():
+    node = params
+    for part in f"{layer}/{PREFIX_KEY}".split("/"):
+      node = node[part]
+    out[i] = (node["key"], node["value"])
+    params = tree_lib.without_subtree(params, f"{layer}/{PREFIX_KEY}")
+  return params, out
 
 
 def from_peft(state: Mapping[str, Any], num_layers: int) -> PyTree:

@@ -25,15 +25,18 @@ Layer ``i`` computes (post-LN BERT)::
     m = drop(gelu(x @ Wi + bi) @ Wout + bout) ;  m = adapter_out(m)  # if present
     x = LN(x + m)
 
-Hooks for methods that need the model's cooperation:
+Model-owned slots (:mod:`lowrank_jax.models.slots`; :func:`slots` describes this layout
+for the methods that fill them):
 
-* **Prefix tuning** (Li & Liang, arXiv 2101.00190): ``prefix`` is a sequence with
-  one entry per layer, each ``None`` or a pair ``(P_K, P_V)`` of shape ``[P, D]``,
-  ``[B, P, D]`` or ``[B, P, H, D/H]``. They are prepended to that layer's keys and
-  values (after the key/value projections, as ``past_key_values``), and the
-  attention mask is extended with ones for the ``P`` prefix slots. As in Hugging
-  Face BERT with ``past_key_values``, position ids then start at ``P``
-  (``position_offset`` overrides this).
+* **Prefix tuning** (Li & Liang, arXiv 2101.00190): ``encoder/layer_i/prefix =
+  {"key": [P, H, Dh], "value": [P, H, Dh]}`` (or ``[P, D]``, or ``[B, P, H, Dh]``) is
+  prepended to that layer's keys and values (after the key/value projections, as
+  ``past_key_values``), and the attention mask is extended with ones for the ``P``
+  prefix slots. As in Hugging Face BERT with ``past_key_values``, position ids then start
+  at ``P`` (``position_offset`` overrides this). The same can be passed explicitly as
+  ``prefix=``: one entry per layer, ``None`` or a pair ``(P_K, P_V)`` of shape
+  ``[P, D]``, ``[B, P, D]`` or ``[B, P, H, Dh]``; an older top-level ``params["prefix"]``
+  list of such pairs is still read.
 * **Bottleneck adapters** (Houlsby et al., arXiv 1902.00751; Pfeiffer et al., arXiv
   2005.00247): if ``encoder/layer_i`` holds an ``attention_adapter`` and/or an
   ``output_adapter`` subtree ``{down: {kernel, bias}, up: {kernel, bias}}``, the
@@ -54,7 +57,7 @@ import jax
 import jax.numpy as jnp
 
 from lowrank_jax.io import hf
-from lowrank_jax.models import layers
+from lowrank_jax.models import layers, slots as slots_lib
 from lowrank_jax.models.attention import AttentionImpl
 
 __all__ = [
@@ -71,6 +74,7 @@ __all__ = [
   "sentence_embedding",
   "init_classifier",
   "classifier_logits",
+  "slots",
 ]
 
 PyTree = Any
@@ -210,6 +214,34 @@ def _check_params(config: BertConfig, params: PyTree) -> None:
     raise ValueError(f"BERT parameters lack {missing}; top-level keys: {sorted(params)}")
 
 
+def slots(config: Optional[BertConfig] = None, root: Optional[str] = None) -> slots_lib.ModelSlots:
+  """Where this model's layers and slots are, for bottleneck adapters and prefix tuning
+  (``lj.bottleneck_adapters(model=bert.slots(config))``, ``lj.prefix_tuning(model=...)``).
+
+  Args:
+    config: sizes the description (layers, hidden size, heads); ``None``: sizes are read
+      from the tree and prefixes are stored ``[P, D]``.
+    root: '/'-path of the BERT parameters in the tree (``None``: anywhere).
+  """
+  if config is None:
+    return slots_lib.bert_slots(root=root)
+  return slots_lib.bert_slots(num_layers=config.num_hidden_layers, hidden_size=config.hidden_size,
+                              num_heads=config.num_attention_heads, head_dim=config.head_dim,
+                              root=root)
+
+
+def _slot_prefix(layer: Mapping) -> Optional[tuple[jax.Array, jax.Array]]:
+  """A layer's ``prefix`` slot as a pair in the ``prefix=`` formats (``[P, H, Dh]`` -> ``[P, D]``)."""
+  slot = layer.get(slots_lib.PREFIX) if isinstance(layer, Mapping) else None
+  if slot is None:
+    return None
+  if not (isinstance(slot, Mapping) and set(slot) == {"key", "value"}):
+    raise ValueError(f"a layer's '{slots_lib.PREFIX}' slot must be {{'key', 'value'}}, got "
+                     f"{sorted(slot) if isinstance(slot, Mapping) else type(slot).__name__}")
+  return tuple(x.reshape(x.shape[0], -1) if jnp.ndim(x) == 3 else x
+               for x in (slot["key"], slot["value"]))
+
+
 def _prefix_heads(p, batch: int, config: BertConfig, dtype) -> jax.Array:
   """A prefix of shape ``[P, D]``, ``[B, P, D]`` or ``[B, P, H, Dh]`` as ``[B, P, H, Dh]``."""
   h, dh = config.num_attention_heads, config.head_dim
@@ -277,16 +309,16 @@ def bert_forward(params: PyTree, config: BertConfig, input_ids: jax.Array,
   """BERT encoder forward pass; returns ``last_hidden_state`` ``[B, T, D]``.
 
   Args:
-    params: the nested parameter dict (may contain lazy weights, adapter subtrees, and a
-      ``"prefix"`` entry put there by :func:`lowrank_jax.methods.prefix.prefix_reparam`,
-      used when ``prefix`` is not given).
+    params: the nested parameter dict (may contain lazy weights and the model-owned
+      slots: adapters, per-layer prefixes; see the module docstring).
     config: the model's :class:`BertConfig`.
     input_ids: ``[B, T]`` token ids.
     attention_mask: ``[B, T]``, 1 for real tokens, 0 for padding (default: all ones).
     token_type_ids: ``[B, T]`` segment ids (default: zeros).
     deterministic: ``False`` turns on dropout (needs ``rng``).
     rng: PRNG key for dropout.
-    prefix: per-layer ``(P_K, P_V)`` or ``None`` (prefix tuning; see the module docstring).
+    prefix: per-layer ``(P_K, P_V)`` or ``None`` (prefix tuning; see the module docstring);
+      not together with prefixes in ``params``.
     position_offset: first position id; defaults to the prefix length (HF behaviour) or 0.
     attention_impl: see :func:`lowrank_jax.models.attention.attention` (``"auto"``:
       the ``dpa`` forward, a closed-form backward when differentiated).
@@ -304,10 +336,22 @@ def bert_forward(params: PyTree, config: BertConfig, input_ids: jax.Array,
     raise ValueError("bert_forward(deterministic=False) needs an rng key for dropout")
   if deterministic:
     rng = None
-  if isinstance(params, Mapping) and "prefix" in params:
-    if prefix is None:
-      prefix = list(params["prefix"])
+  tree_prefix = None
+  if isinstance(params, Mapping) and "prefix" in params:  # the older top-level list
+    tree_prefix = list(params["prefix"])
     params = {k: v for k, v in params.items() if k != "prefix"}
+  in_slots = [_slot_prefix(params["encoder"][f"layer_{i}"]) for i in range(config.num_hidden_layers)
+              if f"layer_{i}" in params.get("encoder", {})]
+  if any(p is not None for p in in_slots):
+    if tree_prefix is not None:
+      raise ValueError("params hold prefixes twice: a top-level 'prefix' list and per-layer "
+                       "'prefix' slots")
+    tree_prefix = in_slots
+  if tree_prefix is not None:
+    if prefix is not None:
+      raise ValueError("prefix= given while params hold prefixes (per-layer 'prefix' slots or a "
+                       "top-level 'prefix' list); pass one")
+    prefix = tree_prefix
   input_ids = jnp.asarray(input_ids)
   b, t = input_ids.shape
   if attention_mask is None:

@@ -52,9 +52,10 @@ class ModelSlots:
     family: the model family's name, used in errors (``"bert"``, ``"llama"``, ...).
     layer: regex of a layer node's path below ``root`` with one group, the layer index
       (``r"encoder/layer_(\\d+)"``).
-    anchors: ``{slot: path of the anchor leaf relative to a layer}``: the kernel whose
-      output ``attention_adapter`` / ``output_adapter`` follows and the key projection
-      kernel for ``prefix`` (its output width is the prefix width ``K * hd``).
+    anchors: ``((slot, anchor), ...)``: the anchor leaf's path relative to a layer, a
+      regex (``"mlp/(?:experts/)?down_proj/kernel"``): the kernel whose output
+      ``attention_adapter`` / ``output_adapter`` follows, the key projection kernel for
+      ``prefix`` (its output width is the prefix width ``K * hd``).
     root: '/'-path of the model inside the tree (``""``: the tree is the model; ``None``:
       anywhere, the layer regex may follow any path).
     num_layers: ``L`` if known (checked against the tree).
@@ -79,6 +80,10 @@ class ModelSlots:
     if re.compile(self.layer).groups != 1:
       raise ValueError(f"ModelSlots({self.family}): the layer regex {self.layer!r} must have "
                        f"exactly one group (the layer index)")
+    for slot, rx in anchors.items():
+      if re.compile(rx).groups:
+        raise ValueError(f"ModelSlots({self.family}): the anchor regex {rx!r} of '{slot}' must "
+                         f"not have groups (use (?:...))")
     for name in ("num_layers", "hidden_size", "num_kv_heads", "head_dim"):
       v = getattr(self, name)
       if v is not None and (not isinstance(v, int) or v < 1):
@@ -91,7 +96,7 @@ class ModelSlots:
     return dataclasses.replace(self, root=root)
 
   def anchor(self, slot: str) -> str:
-    """The anchor leaf of ``slot`` relative to a layer node."""
+    """The anchor leaf of ``slot`` relative to a layer node (a regex)."""
     anchors = dict(self.anchors)
     if slot not in anchors:
       raise ValueError(f"{self.family} has no '{slot}' slot; its slots: {sorted(anchors)}")
@@ -104,7 +109,9 @@ class ModelSlots:
       return None
     return self.num_kv_heads * self.head_dim
 
-  def _layer_rx(self) -> str:
+  def layer_regex(self) -> str:
+    """Regex (unanchored) of a layer node's full path: group ``layer`` is the path, group 2
+    the layer index."""
     if self.root is None:
       lead = "(?:.*/)?"
     elif self.root:
@@ -116,7 +123,7 @@ class ModelSlots:
   def anchor_regex(self, slot: str) -> str:
     """Regex of the full path of ``slot``'s anchor leaf in every layer (groups ``layer`` and
     the layer index)."""
-    return f"^{self._layer_rx()}/{re.escape(self.anchor(slot))}$"
+    return f"^{self.layer_regex()}/(?:{self.anchor(slot)})$"
 
   def match(self, path: str, slot: str) -> Optional[tuple[str, int]]:
     """``(layer path, layer index)`` if ``path`` is ``slot``'s anchor leaf in a layer, else ``None``."""
@@ -175,18 +182,37 @@ def bert_slots(*, num_layers: Optional[int] = None, hidden_size: Optional[int] =
       head_dim=head_dim)
 
 
-def decoder_slots(*, num_layers: Optional[int] = None, hidden_size: Optional[int] = None,
-                  num_kv_heads: Optional[int] = None, head_dim: Optional[int] = None,
-                  root: Optional[str] = None, moe: bool = False,
+def decoder_slots(config=None, *, num_layers: Optional[int] = None,
+                  hidden_size: Optional[int] = None, num_kv_heads: Optional[int] = None,
+                  head_dim: Optional[int] = None, root: Optional[str] = None,
                   family: str = "decoder") -> ModelSlots:
-  """The Llama-layout decoders' (``layers/layer_{i}``, :mod:`lowrank_jax.models.llama` and the
-  decoder families): the attention adapter follows ``attention/o_proj``, the output adapter
-  ``mlp/down_proj`` (``mlp/experts/down_proj`` with ``moe``, an ``[E, F, D]`` kernel), the
-  prefix's width is ``attention/k_proj``'s (``K * hd``)."""
-  down = "mlp/experts/down_proj/kernel" if moe else "mlp/down_proj/kernel"
+  """The Llama-layout decoders' (``layers/layer_{i}``, :mod:`lowrank_jax.models.decoder` and
+  :mod:`lowrank_jax.models.llama`): the attention adapter follows ``attention/o_proj``, the
+  output adapter ``mlp/down_proj`` (``mlp/experts/down_proj``, an ``[E, F, D]`` kernel, in
+  a mixture-of-experts layer), the prefix's width is ``attention/k_proj``'s (``K * hd``).
+
+  Args:
+    config: optional model config whose attributes give the sizes: ``num_layers``,
+      ``hidden_size``, ``num_kv_heads`` (or ``kv_heads``), ``head_dim`` (or ``dim_head``)
+      and ``family`` (a ``DecoderConfig`` or ``LlamaConfig``); keyword arguments override.
+    num_layers, hidden_size, num_kv_heads, head_dim: the sizes (see :class:`ModelSlots`).
+    root: where the model is in the tree.
+    family: the name used in errors.
+  """
+  def attr(*names):
+    for n in names:
+      v = getattr(config, n, None)
+      if v is not None:
+        return v
+    return None
+
   return ModelSlots(
-      family=family, layer=r"layers/layer_(\d+)",
-      anchors=((ATTENTION_ADAPTER, "attention/o_proj/kernel"), (OUTPUT_ADAPTER, down),
+      family=str(attr("family") or family), layer=r"layers/layer_(\d+)",
+      anchors=((ATTENTION_ADAPTER, "attention/o_proj/kernel"),
+               (OUTPUT_ADAPTER, "mlp/(?:experts/)?down_proj/kernel"),
                (PREFIX, "attention/k_proj/kernel")),
-      root=root, num_layers=num_layers, hidden_size=hidden_size, num_kv_heads=num_kv_heads,
-      head_dim=head_dim)
+      root=root,
+      num_layers=num_layers if num_layers is not None else attr("num_layers"),
+      hidden_size=hidden_size if hidden_size is not None else attr("hidden_size"),
+      num_kv_heads=num_kv_heads if num_kv_heads is not None else attr("num_kv_heads", "kv_heads"),
+      head_dim=head_dim if head_dim is not None else attr("head_dim", "dim_head"))

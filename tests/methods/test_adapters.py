@@ -1,6 +1,6 @@
-"""Bottleneck adapters: zero init is the identity, the adapted BERT equals a float64 numpy
-BERT with the adapters written out by hand, placements/layers/parameter count, gradients reach
-only the adapters, and the reparam composes with lj.chain, lj.full, jit and optax."""
+"""Bottleneck adapters: zero init is the identity, the adapted BERT and Llama decoder equal float64
+numpy models with the adapters written out by hand, placements/layers/parameter count, gradients
+reach only the adapters, and the reparam composes with lj.chain, lj.full, jit and optax."""
 
 import dataclasses
 
@@ -13,7 +13,8 @@ import pytest
 import lowrank_jax as lj
 from lowrank_jax import train
 from lowrank_jax.methods import adapters
-from lowrank_jax.models import bert
+from lowrank_jax.models import bert, llama, slots as slots_lib
+from tests.methods.slots_reference import np_llama
 from tests.models.bert_reference import np_bert, tiny_problem
 
 CFG = bert.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=3, num_attention_heads=4,
@@ -204,6 +205,50 @@ def test_errors(setup):
     reparam.apply(theta, reparam.init(jax.random.PRNGKey(0), theta))
   with pytest.raises(ValueError, match="is not in the tree"):
     reparam.unmerge(theta0, phi)
+
+
+LCFG = llama.LlamaConfig.tiny(vocab_size=64, hidden_size=32, intermediate_size=48, num_heads=4,
+                              num_kv_heads=2, num_layers=2)
+
+
+@pytest.mark.parametrize("placement,layers", [("houlsby", None), ("pfeiffer", [1])])
+def test_decoder_adapters_match_numpy_reference(placement, layers):
+  """The same method on the Llama layout (model=decoder_slots): adapters anchored at o_proj and
+  down_proj, inserted as the layers' slots; identity at init, the numpy decoder with the adapters
+  written out otherwise, gradients reach the adapters."""
+  params = llama.init_llama(jax.random.PRNGKey(0), LCFG)
+  theta0 = {"model": params}
+  tokens = np.random.default_rng(2).integers(0, LCFG.vocab_size, (2, 5))
+  model = slots_lib.decoder_slots(LCFG)
+  reparam = lj.bottleneck_adapters(placement, model=model, bottleneck=3, layers=layers)
+  phi = reparam.init(jax.random.PRNGKey(1), theta0)
+  anchors = [p for p, x in lj.flatten_with_paths(phi) if x is not None and p.endswith("down/kernel")]
+  expected = [f"model/layers/layer_{i}/{a}/down/kernel" for i in (layers or range(LCFG.num_layers))
+              for a in (["attention/o_proj/kernel"] if placement == "houlsby" else []) + ["mlp/down_proj/kernel"]]
+  assert sorted(anchors) == sorted(expected)
+  fwd = jax.jit(llama.llama_forward, static_argnums=1)
+  theta = reparam.apply(theta0, phi)
+  np.testing.assert_allclose(np.asarray(fwd(theta["model"], LCFG, tokens)),
+                             np.asarray(fwd(params, LCFG, tokens)), rtol=0, atol=1e-6)
+  # random adapters; positive down biases keep every ReLU unit active (the decoder's hidden
+  # states are small at init), so that every adapter parameter gets gradient
+  phi = jax.tree_util.tree_map_with_path(
+      lambda p, x: jnp.abs(x) + 0.1 if lj.path_str(p).endswith("down/bias") else x,
+      _randomize(phi, jax.random.PRNGKey(3)))
+  theta = jax.jit(reparam.apply)(theta0, phi)
+  assert ("attention_adapter" in theta["model"]["layers"]["layer_1"]) == (placement == "houlsby")
+  got = np.asarray(fwd(theta["model"], LCFG, tokens))
+  np.testing.assert_allclose(got, np_llama(theta["model"], LCFG, tokens), rtol=2e-4, atol=2e-4)
+  assert np.abs(got - np.asarray(fwd(params, LCFG, tokens))).max() > 1e-2
+  g = jax.jit(jax.grad(lambda p: jnp.sum(jnp.tanh(llama.llama_forward(
+      reparam.apply(theta0, p)["model"], LCFG, tokens)))))(phi)
+  for path, x in lj.flatten_with_paths(g):
+    assert float(jnp.abs(x).max()) > 0, path
+  with pytest.raises(ValueError, match="not a sub-layer output kernel of llama"):
+    lj.bottleneck_adapters(model=model, where=r"q_proj/kernel").init(jax.random.PRNGKey(0), theta0)
+  with pytest.raises(ValueError, match="hidden size 48"):
+    lj.bottleneck_adapters(model=slots_lib.decoder_slots(LCFG, hidden_size=48)).init(
+        jax.random.PRNGKey(0), theta0)
 
 
 def test_tree_subtree_helpers():

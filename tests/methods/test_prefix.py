@@ -1,7 +1,9 @@
-"""Prefix tuning: BERT with prefixes equals a float64 numpy BERT whose attention runs over
-explicitly concatenated [P_K; K], [P_V; V]; the MLP reparametrisation equals its materialised
-prefix (and a numpy MLP); peft PrefixEncoder layout; the Reparam route; gradients reach only
-the prefix parameters."""
+"""Prefix tuning: BERT and the Llama decoder with prefixes equal float64 numpy models whose
+attention runs over explicitly concatenated [P_K; K], [P_V; V]; the MLP reparametrisation equals
+its materialised prefix (and a numpy MLP); peft PrefixEncoder layout; the Reparam route through
+the models' per-layer prefix slots; gradients reach only the prefix parameters."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +14,8 @@ import pytest
 import lowrank_jax as lj
 from lowrank_jax import train
 from lowrank_jax.methods import prefix as pt
-from lowrank_jax.models import bert
+from lowrank_jax.models import bert, llama, slots
+from tests.methods.slots_reference import np_llama
 from tests.models.bert_reference import np_bert, tiny_problem, valid
 
 CFG = bert.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
@@ -90,8 +93,12 @@ def test_reparam_route_and_gradients_reach_only_prefix(setup, mlp):
   theta0_i, phi = lj.initialize(reparam, jax.random.PRNGKey(4), theta0)
   assert theta0_i is theta0
   theta = reparam.apply(theta0, phi)
-  # apply adds theta["bert"]["prefix"] and shares every other leaf with theta0.
-  assert len(theta["bert"][pt.PREFIX_KEY]) == L
+  # apply fills every layer's prefix slot ([P, D]: this BERT description has no head count)
+  # and shares every other leaf with theta0.
+  for i in range(L):
+    slot = theta["bert"]["encoder"][f"layer_{i}"][pt.PREFIX_KEY]
+    assert set(slot) == {"key", "value"} and slot["key"].shape == (P, D)
+  assert pt.PREFIX_KEY not in theta["bert"]
   params, prefix = pt.split_prefix(theta["bert"])
   assert jax.tree.structure(params) == jax.tree.structure(theta0["bert"])
   assert all(a is b for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(theta0["bert"])))
@@ -158,7 +165,7 @@ def test_errors(setup):
     pt.prefix_tuning(L, 0, D)
   with pytest.raises(ValueError, match="embed_dim"):
     pt.prefix_tuning(L, P, D, embed_dim=4)
-  with pytest.raises(ValueError, match="no model subtree 'model'"):
+  with pytest.raises(ValueError, match=r"anchors of bert .*\^\(\?P<layer>model/.*selects no leaf"):
     pt.prefix_reparam(P, at="model").init(jax.random.PRNGKey(0), theta0)
   with pytest.raises(ValueError, match="must be"):
     pt.prefixes({"key": jnp.zeros((L, P, D))})
@@ -169,3 +176,106 @@ def test_errors(setup):
   theta = r.apply(theta0, r.init(jax.random.PRNGKey(0), theta0))
   with pytest.raises(ValueError, match="already exists"):
     r.apply(theta, r.init(jax.random.PRNGKey(0), theta0))
+  with pytest.raises(ValueError, match="prefix= given while params hold prefixes"):
+    bert.bert_forward(theta["bert"], CFG, np.zeros((1, 3), int), prefix=pt.prefixes(wrong)[:L])
+  with pytest.raises(ValueError, match="num_virtual_tokens"):
+    pt.prefix_tuning(model=bert.slots(CFG))
+  with pytest.raises(ValueError, match="not both"):
+    pt.prefix_tuning(L, P, D, model=bert.slots(CFG))
+  with pytest.raises(ValueError, match="needs the number of layers"):
+    pt.prefix_tuning(num_virtual_tokens=P).init(jax.random.PRNGKey(0))
+  with pytest.raises(ValueError, match="description has 5"):  # the tree has L = 2 layers
+    pt.prefix_tuning(model=bert.slots(dataclasses.replace(CFG, num_hidden_layers=5)).at("bert"),
+                     num_virtual_tokens=P).init(jax.random.PRNGKey(0), theta0)
+  with pytest.raises(ValueError, match="width 16 != num_kv_heads"):
+    pt.prefix_tuning(model=slots.bert_slots(num_heads=3, head_dim=4), num_virtual_tokens=P).init(
+        jax.random.PRNGKey(0), theta0)
+
+
+def test_old_call_is_a_reparam_and_sized_init_equals_tree_init(setup):
+  """prefix_tuning(L, P, D) keeps its init(key) / prefixes / materialize and is a Reparam whose
+  init(key, theta0) draws the same prefixes; its apply fills the same slots as prefix_reparam."""
+  theta0, ids, mask = setup
+  old = pt.prefix_tuning(L, P, D, reparam_mlp=4)
+  assert isinstance(old, lj.Reparam) and isinstance(old, pt.PrefixTuning)
+  key = jax.random.PRNGKey(9)
+  a, b = old.init(key), old.init(key, theta0)
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  theta = old.apply(theta0, a)
+  theta2 = pt.prefix_reparam(P, reparam_mlp=4).apply(theta0, a)
+  for i in range(L):
+    s1, s2 = (t["bert"]["encoder"][f"layer_{i}"]["prefix"] for t in (theta, theta2))
+    np.testing.assert_array_equal(np.asarray(s1["key"]), np.asarray(old.prefixes(a)[i][0]))
+    np.testing.assert_array_equal(np.asarray(s1["value"]), np.asarray(s2["value"]))
+  np.testing.assert_array_equal(np.asarray(_bert(theta["bert"], CFG, ids, mask)),
+                                np.asarray(_bert(theta0["bert"], CFG, ids, mask, prefix=old.prefixes(a))))
+
+
+def test_bert_slots_with_heads_and_old_top_level_form(setup):
+  """model=bert.slots(config) stores [P, H, Dh] slots; the forward equals the numpy reference;
+  the older top-level params["prefix"] list gives the same output."""
+  theta0, ids, mask = setup
+  r = pt.prefix_tuning(model=bert.slots(CFG, root="bert"), num_virtual_tokens=P)
+  phi = r.init(jax.random.PRNGKey(5), theta0)
+  theta = jax.jit(r.apply)(theta0, phi)
+  h, dh = CFG.num_attention_heads, CFG.head_dim
+  assert theta["bert"]["encoder"]["layer_1"]["prefix"]["key"].shape == (P, h, dh)
+  got = _bert(theta["bert"], CFG, ids, mask)
+  ref = np_bert(theta0["bert"], CFG, ids, mask,
+                prefix=[(np.asarray(phi["key"][i]), np.asarray(phi["value"][i])) for i in range(L)])
+  np.testing.assert_allclose(valid(got, mask), valid(ref, mask), rtol=1e-4, atol=1e-4)
+  old_form = {**theta0["bert"], "prefix": pt.prefixes(phi)}
+  np.testing.assert_allclose(np.asarray(_bert(old_form, CFG, ids, mask)), np.asarray(got), rtol=1e-6, atol=1e-6)
+  params, pre = pt.split_prefix(theta["bert"], bert.slots(CFG))
+  assert jax.tree.structure(params) == jax.tree.structure(theta0["bert"]) and len(pre) == L
+  assert pre[0][0].shape == (P, h, dh)
+  back = r.unmerge(theta, phi)
+  assert jax.tree.structure(back) == jax.tree.structure(theta0)
+
+
+LCFG = llama.LlamaConfig.tiny(vocab_size=64, hidden_size=32, intermediate_size=48, num_heads=4,
+                              num_kv_heads=2, num_layers=2)
+_llama = jax.jit(llama.llama_forward, static_argnums=1)
+
+
+def test_decoder_prefix_equals_explicit_concatenation():
+  """Llama (GQA, RoPE, causal) with prefix slots equals float64 numpy attention over the
+  explicitly concatenated [P_K; K], [P_V; V] (prefix post-RoPE, visible to every query), with
+  left padding; the MLP form fills the slots its materialised form does; gradients reach every
+  prefix parameter."""
+  mlp = 6
+  params = llama.init_llama(jax.random.PRNGKey(0), LCFG)
+  params = jax.tree.map(lambda x: 5.0 * x if x.ndim == 2 else x, params)  # non-trivial attention
+  theta0 = {"model": params}
+  tokens = np.random.default_rng(1).integers(0, LCFG.vocab_size, (2, 7))
+  mask = np.ones((2, 7), np.int32)
+  mask[1, :3] = 0  # left padding
+  pos = np.maximum(np.cumsum(mask, 1) - 1, 0)  # positions count the real tokens
+  r = lj.prefix_tuning(model=slots.decoder_slots(LCFG), num_virtual_tokens=P, reparam_mlp=mlp)
+  phi = r.init(jax.random.PRNGKey(3), theta0)
+  direct = pt.materialize_prefix(phi)
+  kw = LCFG.kv_heads * LCFG.dim_head
+  assert direct["key"].shape == (LCFG.num_layers, P, kw)
+  theta = jax.jit(r.apply)(theta0, phi)
+  slot = theta["model"]["layers"]["layer_1"]["prefix"]
+  assert slot["key"].shape == (P, LCFG.kv_heads, LCFG.dim_head)
+  np.testing.assert_allclose(np.asarray(slot["value"]).reshape(P, kw), np.asarray(direct["value"][1]),
+                             rtol=1e-6, atol=1e-6)
+  plain = lj.prefix_tuning(model=slots.decoder_slots(LCFG), num_virtual_tokens=P)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6),
+               plain.apply(theta0, direct), theta)
+  got = np.asarray(_llama(theta["model"], LCFG, tokens, attention_mask=mask, positions=pos))
+  ref = np_llama(theta["model"], LCFG, tokens, mask, pos)
+  np.testing.assert_allclose(valid(got, mask), valid(ref, mask), rtol=2e-4, atol=2e-4)
+  base = np.asarray(_llama(params, LCFG, tokens, attention_mask=mask, positions=pos))
+  assert np.abs(got - base)[0, 0].max() > 1e-2  # even the first token sees the prefix
+
+  def loss(phi):
+    return jnp.sum(jnp.tanh(llama.llama_forward(r.apply(theta0, phi)["model"], LCFG, tokens,
+                                                attention_mask=mask, positions=pos)))
+
+  g = jax.jit(jax.grad(loss))(phi)
+  assert jax.tree.structure(g) == jax.tree.structure(phi)
+  for path, x in lj.flatten_with_paths(g):
+    assert float(jnp.abs(x).max()) > 0, path
+  assert jax.tree.structure(r.unmerge(theta, phi)) == jax.tree.structure(theta0)
