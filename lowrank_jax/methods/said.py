@@ -20,8 +20,10 @@ is trained with ``z``; as in the paper the total budget ``d`` counts them, so ``
 ``d - m`` entries for ``m`` tensors (``said=False`` gives plain DID with ``d`` entries).
 
 Cost: each ``P_i`` is two fast Walsh-Hadamard transforms, ``O(D log D)`` time and
-``O(D)`` memory; the dense ``D × d`` matrix is never formed. The random ``B, Π, G`` are
-regenerated inside :func:`apply` from the static ``seed`` (nothing extra stored in ``phi``
+``O(D)`` memory; the dense ``D × d`` matrix is never formed. The reparam is
+:func:`~lowrank_jax.adapt` of :func:`said_method`, whose parameters are all shared across
+the leaves (``phi = {"z", "lam"}``). The random ``B, Π, G`` are regenerated inside
+``apply`` (the method's ``prepare``) from the static ``seed`` (nothing extra stored in ``phi``
 or the optimizer state) by a counter-based hash of the entry index, elementwise and
 ``O(D)``: ``Π`` is a keyed pseudo-random bijection of ``[0, L)`` (four rounds of
 add-multiply-xorshift on ``log2 L`` bits), not a uniformly drawn permutation, which would
@@ -41,18 +43,16 @@ Differences from the reference code:
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, Optional
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from lowrank_jax import lazy, tree as tree_lib
-from lowrank_jax.reparam import Reparam
+from lowrank_jax.reparam import LeafMethod, Reparam, adapt
 
-__all__ = ["fwht", "FastfoodParams", "fastfood_params", "fastfood", "intrinsic_said"]
-
-PyTree = Any
+__all__ = ["fwht", "FastfoodParams", "fastfood_params", "fastfood", "intrinsic_said", "said_method"]
 
 
 _FWHT_RADIX = 5  # butterflies of 2^5 = 32 points as small GEMMs (faster than radix 2, bench/README.md)
@@ -180,6 +180,77 @@ def fastfood(z: jax.Array, params: FastfoodParams, d_out: int) -> jax.Array:
   return v[..., :d_out] / jnp.expand_dims(params.divisor, -1)
 
 
+def _is_float(path: str, x) -> bool:
+  return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)
+
+
+def said_method(d: int, *, said: bool = True, seed: int = 0, dtype=jnp.float32) -> LeafMethod:
+  """SAID / DID as a :class:`~lowrank_jax.LeafMethod` with shared parameters only.
+
+  ``init_shared`` draws ``phi = {"z": [d - m], "lam": [m]}`` for the ``m`` selected leaves
+  (``λ_i`` is leaf ``i``'s in tree order: SAID's per-tensor scales live in the shared entry,
+  one vector, as in the reference code); ``prepare`` computes every ``λ_i P_i(z)`` at once,
+  the transforms of one padded size in one ``lax.map``; ``apply_leaf`` adds the leaf's.
+  """
+  if not isinstance(d, int) or d < 1:
+    raise ValueError(f"intrinsic dimension d must be a positive int, got {d!r}")
+
+  def _z_size(m: int) -> int:
+    if not said:
+      return d
+    if d <= m:
+      raise ValueError(f"intrinsic_said: d={d} must exceed the number of selected tensors m={m} "
+                       f"(SAID spends m of the d dimensions on the per-tensor scales)")
+    return d - m
+
+  def init_shared(key, views):
+    del key  # z = 0, λ = 1: nothing random to draw; the projection comes from `seed`
+    m = len(views)
+    phi = {"z": jnp.zeros((_z_size(m),), dtype)}
+    if said:
+      phi["lam"] = jnp.ones((m,), dtype)
+    return phi
+
+  def prepare(phi, views):
+    m = len(views)
+    z = phi["z"]
+    if z.shape != (_z_size(m),):
+      raise ValueError(f"intrinsic_said: phi['z'] has shape {z.shape}, expected ({_z_size(m)},) "
+                       f"for d={d} and {m} selected tensors")
+    # Transforms of one padded size L run in one lax.map over their keys (one FWHT pair
+    # in the program per distinct L however many tensors move; each row stays in cache;
+    # the backward recomputes a row's diagonals instead of storing [m, L] of them).
+    # Tensor i keeps the key fold_in(seed, i) and its own divisor √(L Σ g²) · √(D_i / L).
+    # The barrier keeps XLA from constant-folding the hashed diagonals at compile time.
+    root = jax.random.wrap_key_data(jax.lax.optimization_barrier(
+        jax.random.key_data(jax.random.key(seed))))
+    groups: dict = {}
+    for i, (path, view) in enumerate(views.items()):
+      size = int(math.prod(view.shape))
+      groups.setdefault(_padded_size(size), []).append((i, path, size))
+    out = {}
+    for n, members in groups.items():
+      keys = jnp.stack([jax.random.fold_in(root, i) for i, _, _ in members])
+      row = jax.checkpoint(lambda key, n=n: fastfood(z, fastfood_params(key, n, dtype), n))
+      full = jax.lax.map(row, keys)  # [members, L], each divided by √(L Σ g²)
+      for r, (i, path, size) in enumerate(members):
+        delta = full[r, :size] * math.sqrt(n / size)
+        if said:
+          delta = phi["lam"][i] * delta
+        out[path] = delta.reshape(views[path].shape)
+    return out
+
+  def apply_leaf(w, phi_leaf, view, rng, delta):
+    return (lazy.materialize(w).astype(jnp.float32) + delta.astype(jnp.float32)).astype(w.dtype)
+
+  def unmerge_leaf(w, phi_leaf, view, delta):
+    return (w.astype(jnp.float32) - delta.astype(jnp.float32)).astype(w.dtype)
+
+  return LeafMethod(name="intrinsic_said", init_leaf=None, apply_leaf=apply_leaf,
+                    unmerge_leaf=unmerge_leaf, needs_matrix=False, init_shared=init_shared,
+                    prepare=prepare)
+
+
 def intrinsic_said(d: int, where: tree_lib.Where = None, *, said: bool = True, seed: int = 0,
                    dtype=jnp.float32) -> Reparam:
   """Intrinsic-dimension fine-tuning of the selected leaves (whole-tree reparam).
@@ -193,88 +264,8 @@ def intrinsic_said(d: int, where: tree_lib.Where = None, *, said: bool = True, s
     dtype: dtype of ``z``, ``λ`` and the projection arithmetic.
 
   Returns:
-    A :class:`Reparam` with ``phi = {"z": [d - m], "lam": [m]}`` (``"lam"`` only with
-    ``said``), ``z = 0`` and ``λ = 1`` at initialisation so ``apply(θ0, phi) = θ0``.
+    A :class:`Reparam` (``adapt(said_method(...), where)``) with ``phi = {"z": [d - m],
+    "lam": [m]}`` (``"lam"`` only with ``said``), ``z = 0`` and ``λ = 1`` at
+    initialisation so ``apply(θ0, phi) = θ0``.
   """
-  if not isinstance(d, int) or d < 1:
-    raise ValueError(f"intrinsic dimension d must be a positive int, got {d!r}")
-
-  def _selected(theta0):
-    sel = where
-    if sel is None:
-      sel = lambda p, x: hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)
-    mask = tree_lib.select(theta0, sel)
-    items = tree_lib.flatten_with_paths(theta0)
-    flags = jax.tree_util.tree_leaves(mask)
-    for (p, x), m in zip(items, flags):
-      if m and not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"intrinsic_said: leaf '{p}' has dtype {x.dtype}; only floating-point "
-                        f"leaves can move (shape {tuple(x.shape)})")
-    return items, flags
-
-  def _z_size(m: int) -> int:
-    if not said:
-      return d
-    if d <= m:
-      raise ValueError(f"intrinsic_said: d={d} must exceed the number of selected tensors m={m} "
-                       f"(SAID spends m of the d dimensions on the per-tensor scales)")
-    return d - m
-
-  def init(key, theta0):
-    del key  # z = 0, λ = 1: nothing random to draw; the projection comes from `seed`
-    _, flags = _selected(theta0)
-    m = sum(flags)
-    phi = {"z": jnp.zeros((_z_size(m),), dtype)}
-    if said:
-      phi["lam"] = jnp.ones((m,), dtype)
-    return phi
-
-  def _deltas(theta0, phi):
-    items, flags = _selected(theta0)
-    m = sum(flags)
-    z = phi["z"]
-    if z.shape != (_z_size(m),):
-      raise ValueError(f"intrinsic_said: phi['z'] has shape {z.shape}, expected ({_z_size(m)},) "
-                       f"for d={d} and {m} selected tensors")
-    # Transforms of one padded size L run in one lax.map over their keys (one FWHT pair
-    # in the program per distinct L however many tensors move; each row stays in cache;
-    # the backward recomputes a row's diagonals instead of storing [m, L] of them).
-    # Tensor i keeps the key fold_in(seed, i) and its own divisor √(L Σ g²) · √(D_i / L).
-    # The barrier keeps XLA from constant-folding the hashed diagonals at compile time.
-    root = jax.random.wrap_key_data(jax.lax.optimization_barrier(
-        jax.random.key_data(jax.random.key(seed))))
-    sel_items = [(j, int(math.prod(w.shape))) for j, ((_, w), f) in enumerate(zip(items, flags)) if f]
-    groups: dict = {}
-    for i, (j, size) in enumerate(sel_items):
-      groups.setdefault(_padded_size(size), []).append((i, j, size))
-    out = [None] * len(items)
-    for n, members in groups.items():
-      keys = jnp.stack([jax.random.fold_in(root, i) for i, _, _ in members])
-      row = jax.checkpoint(lambda key, n=n: fastfood(z, fastfood_params(key, n, dtype), n))
-      full = jax.lax.map(row, keys)  # [members, L], each divided by √(L Σ g²)
-      for r, (i, j, size) in enumerate(members):
-        delta = full[r, :size] * math.sqrt(n / size)
-        if said:
-          delta = phi["lam"][i] * delta
-        out[j] = delta.reshape(items[j][1].shape)
-    return items, out
-
-  def apply(theta0, phi, rng: Optional[jax.Array] = None):
-    items, deltas = _deltas(theta0, phi)
-    treedef = jax.tree_util.tree_structure(theta0, is_leaf=lazy.is_lazy)
-    new = [w if dl is None else (lazy.materialize(w).astype(jnp.float32) + dl.astype(jnp.float32)
-                                 ).astype(w.dtype)
-           for (_, w), dl in zip(items, deltas)]
-    return jax.tree_util.tree_unflatten(treedef, new)
-
-  def init_with_base(key, theta0):
-    return theta0, init(key, theta0)
-
-  def unmerge(theta, phi):
-    items, deltas = _deltas(theta, phi)
-    treedef = jax.tree_util.tree_structure(theta, is_leaf=lazy.is_lazy)
-    new = [w if dl is None else (w.astype(jnp.float32) - dl.astype(jnp.float32)).astype(w.dtype)
-           for (_, w), dl in zip(items, deltas)]
-    return jax.tree_util.tree_unflatten(treedef, new)
-
-  return Reparam(init=init, apply=apply, init_with_base=init_with_base, unmerge=unmerge)
+  return adapt(said_method(d, said=said, seed=seed, dtype=dtype), _is_float if where is None else where)
