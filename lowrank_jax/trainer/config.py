@@ -49,11 +49,7 @@ import numpy as np
 
 from lowrank_jax.data.docstrings import DEFAULT_PACKAGES
 from lowrank_jax.methods import registry
-from lowrank_jax.models import bert
-try:  # TODO(trainer): plain import once DECODER lands models/decoder.py
-  from lowrank_jax.models import decoder
-except ImportError:  # pragma: no cover
-  decoder = None
+from lowrank_jax.models import bert, decoder
 from lowrank_jax.optim import make_optimizer
 from lowrank_jax.quant.codecs import get_codec
 from lowrank_jax.trainer.schema import (ConfigError, checked, coerce_text, did_you_mean, field_types,
@@ -319,7 +315,7 @@ class RunConfig:
 # --------------------------------------------------------------------------------- parsing
 
 _DATA = {"classification": ClassificationData, "sft": SFTData}
-_MODEL_CONFIG = {"bert": bert.BertConfig, "decoder": getattr(decoder, "DecoderConfig", bert.BertConfig)}
+_MODEL_CONFIG = {"bert": bert.BertConfig, "decoder": decoder.DecoderConfig}
 
 
 def _model_config_fields(cls) -> dict[str, Any]:

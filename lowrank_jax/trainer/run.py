@@ -131,6 +131,9 @@ def _result(p: Prepared, outcome: Outcome, mem, final: dict, deployed_metrics: d
     "peak_rss_bytes": train.peak_rss_bytes(), "memory": mem.as_dict(),
     "history": outcome.state.history, "base": problem.base, "exports": exports, **problem.info,
   }
+  if outcome.status == "completed":  # bitwise identity of the trained state
+    out["state_sha256"] = {"phi": base_lib.tree_hash(outcome.state.phi),
+                           "opt_state": base_lib.tree_hash(outcome.state.opt_state)}
   if outcome.diverged is not None:
     out["diverged"] = outcome.diverged
   return out

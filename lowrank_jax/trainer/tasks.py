@@ -25,15 +25,10 @@ from lowrank_jax import train
 from lowrank_jax.data import docstrings, sft as sft_data, tokenization
 from lowrank_jax.interop import peft
 from lowrank_jax.methods.full import full
-from lowrank_jax.models import bert
+from lowrank_jax.models import bert, decoder, hf_decoder
 from lowrank_jax.reparam import Reparam
 from lowrank_jax.trainer import base as base_lib
 from lowrank_jax.trainer.config import RunConfig
-
-try:  # TODO(trainer): plain import once DECODER lands models/decoder.py
-  from lowrank_jax.models import decoder
-except ImportError:  # pragma: no cover
-  decoder = None
 
 __all__ = ["Problem", "build_problem", "classifier_fns", "evaluate_classifier", "sft_loss",
            "TASKS"]
