@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 import lowrank_jax as lj
 from lowrank_jax.methods import adalora as ad
 from tests.conftest import load_golden
-from tests.methods.peft_harness import peft_linear
+from tests.methods import peft_harness as H
 
 PFX = "param/base_model.model.lin."
 GPFX = "grad/base_model.model.lin."
@@ -28,41 +28,27 @@ def _golden():
   return g, meta["config"], theta0, phi
 
 
-def _dense_reference(g, cfg):
-  """peft's SVDLinear formula evaluated in numpy from the stored params."""
-  W, b = g[PFX + "base_layer.weight"], g[PFX + "base_layer.bias"]
-  A, E, B = g[PFX + "lora_A.default"], g[PFX + "lora_E.default"], g[PFX + "lora_B.default"]
-  s = cfg["lora_alpha"] / (cfg["init_r"] + 1e-5)
-  merged = W + B @ (A * E) * s
-  return g["x"] @ merged.T + b, merged
+def _delta(g, cfg):
+  """peft's SVDLinear update ``s·B (A ⊙ E)`` ``[out, in]``, in float64 from the stored params."""
+  A, E, B = (np.asarray(g[PFX + f"lora_{n}.default"], np.float64) for n in "AEB")
+  return B @ (A * E) * (cfg["lora_alpha"] / (cfg["init_r"] + 1e-5))
 
 
 def test_matches_peft_golden():
+  """``y``, gradients and merge (lazy and dense paths) against the golden file; its merge is
+  peft's formula; :func:`ad.from_peft` / :func:`ad.to_peft` translate params and gradients."""
   g, cfg, theta0, phi = _golden()
   reparam = ad.adalora("lin/kernel", init_r=cfg["init_r"], alpha=cfg["lora_alpha"])
+  H.assert_merge_is(g, _delta(g, cfg))
+  spec = {f"lin/kernel/{n.lower()}": f"lora_{n.upper()}.default" for n in "aeb"}
+  *_, phi_h = H.check_against_peft("peft_adalora", reparam, spec, lazy_type=lj.LoRAWeight)
+  chex.assert_trees_all_equal(phi_h, phi)
+
   x, G = jnp.asarray(g["x"]), jnp.asarray(g["G"])
-
-  def loss(phi):
-    theta = reparam.apply(theta0, phi)
-    assert isinstance(theta["lin"]["kernel"], lj.LoRAWeight)
-    y = lj.dot(x, theta["lin"]["kernel"]) + theta["lin"]["bias"]
-    return jnp.sum(y * G), y
-
-  (_, y), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(phi)
-  y_ref, merged_ref = _dense_reference(g, cfg)
-  # As for the LoRA golden files, the stored y / merged_weight are the base layer's (recorded
-  # before the adapter values were set): check that, and check ours against peft's formula.
-  np.testing.assert_allclose(g["y"], g["x"] @ g[PFX + "base_layer.weight"].T + g[PFX + "base_layer.bias"],
-                             atol=1e-5)
-  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
-  gr = grads["lin"]["kernel"]
-  ours = ad.to_peft(gr)
+  grads = jax.grad(lambda phi: jnp.sum(H.forward(reparam.apply(theta0, phi), x) * G))(phi)
+  ours = ad.to_peft(grads["lin"]["kernel"])
   for name in ("lora_A", "lora_E", "lora_B"):
-    np.testing.assert_allclose(ours[name], g[GPFX + name + ".default"], rtol=1e-4, atol=1e-4)
-  merged = lj.merge(reparam, theta0, phi)
-  np.testing.assert_allclose(merged["lin"]["kernel"].T, merged_ref, rtol=1e-5, atol=1e-5)
-  back = lj.unmerge(reparam, merged, phi)
-  np.testing.assert_allclose(back["lin"]["kernel"], theta0["lin"]["kernel"], atol=1e-5)
+    np.testing.assert_allclose(ours[name], g[GPFX + name + ".default"], rtol=1e-4, atol=1e-5)
 
 
 def test_peft_itself_agrees():
@@ -70,15 +56,15 @@ def test_peft_itself_agrees():
   peft = pytest.importorskip("peft")
   g, cfg, theta0, phi = _golden()
 
-  pm = peft_linear(peft.AdaLoraConfig(init_r=cfg["init_r"], target_r=cfg["target_r"],
+  pm = H.peft_linear(peft.AdaLoraConfig(init_r=cfg["init_r"], target_r=cfg["target_r"],
                                       lora_alpha=cfg["lora_alpha"], total_step=100,
                                       target_modules=["lin"]))
   pm.load_state_dict({k[len("param/"):]: torch.tensor(v) for k, v in g.items()
                       if k.startswith("param/") and "ranknum" not in k}, strict=False)
   y_peft = pm(torch.tensor(g["x"])).detach().numpy()
+  np.testing.assert_allclose(y_peft, g["y"], rtol=1e-5, atol=1e-5)
   reparam = ad.adalora("lin/kernel", init_r=cfg["init_r"], alpha=cfg["lora_alpha"])
-  theta = reparam.apply(theta0, phi)
-  y = lj.dot(jnp.asarray(g["x"]), theta["lin"]["kernel"]) + theta["lin"]["bias"]
+  y = H.forward(reparam.apply(theta0, phi), jnp.asarray(g["x"]))
   np.testing.assert_allclose(y, y_peft, rtol=1e-5, atol=1e-5)
 
 

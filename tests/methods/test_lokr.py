@@ -19,14 +19,14 @@ def _peft(g, name):
 
 
 def test_matches_peft():
-  """Gradients against the golden file; ``y`` and the merge against ``s·kron(w1, w2)`` (H.STALE_NOTE)."""
+  """``y``, gradients and merge against the golden file; its merge is ``W + s·kron(w1, w2)``."""
   g, meta, _ = H.golden_linear("peft_lokr")
   cfg = meta["config"]
   assert not cfg["decompose_both"] and cfg["decompose_factor"] == -1
-  override = H.closed_form_override(g, cfg["alpha"] / cfg["r"] * np.kron(_peft(g, "lokr_w1"), _peft(g, "lokr_w2")))
+  H.assert_merge_is(g, cfg["alpha"] / cfg["r"] * np.kron(_peft(g, "lokr_w1"), _peft(g, "lokr_w2")))
   H.check_against_peft("peft_lokr", lokr("lin/kernel", rank=cfg["r"], alpha=cfg["alpha"]),
                        {"lin/kernel/w1": "lokr_w1.default", "lin/kernel/w2": "lokr_w2.default"},
-                       lazy_type=KronWeight, override=override)
+                       lazy_type=KronWeight)
 
 
 def test_matches_peft_decompose_both():
@@ -36,10 +36,10 @@ def test_matches_peft_decompose_both():
   spec = {f"lin/kernel/w{i}_{ab}": f"lokr_w{i}_{ab}.default" for i in (1, 2) for ab in "ab"}
   w1 = _peft(g, "lokr_w1_a") @ _peft(g, "lokr_w1_b")
   w2 = _peft(g, "lokr_w2_a") @ _peft(g, "lokr_w2_b")
-  override = H.closed_form_override(g, cfg["alpha"] / cfg["r"] * np.kron(w1, w2))
+  H.assert_merge_is(g, cfg["alpha"] / cfg["r"] * np.kron(w1, w2))
   H.check_against_peft("peft_lokr_decomposed",
                        lokr("lin/kernel", rank=cfg["r"], alpha=cfg["alpha"], decompose_both=True), spec,
-                       lazy_type=KronWeight, override=override)
+                       lazy_type=KronWeight)
 
 
 def test_factorization_examples():

@@ -10,64 +10,13 @@ import pytest
 from hypothesis import Phase, given, settings, strategies as st
 
 import lowrank_jax as lj
-from tests.conftest import load_golden
-from tests.methods.peft_harness import peft_linear
+from tests.methods import peft_harness as H
 
-PFX = "param/base_model.model.lin."
-
-
-def _golden_layer(name):
-  g, meta = load_golden(name)
-  theta0 = {"lin": {"kernel": jnp.asarray(g[PFX + "base_layer.weight"].T),
-                    "bias": jnp.asarray(g[PFX + "base_layer.bias"])}}
-  phi = {"lin": {"kernel": {"a": jnp.asarray(g[PFX + "lora_A.default.weight"].T),
-                            "b": jnp.asarray(g[PFX + "lora_B.default.weight"].T)},
-                 "bias": None}}
-  return g, meta, theta0, phi
+SPEC = {"lin/kernel/a": "lora_A.default.weight", "lin/kernel/b": "lora_B.default.weight"}
 
 
-def _forward(theta, x):
-  return lj.dot(x, theta["lin"]["kernel"]) + theta["lin"]["bias"]
-
-
-@pytest.mark.parametrize("name", ["peft_lora", "peft_lora_rslora"])
-@pytest.mark.parametrize("path", ["lazy", "materialized"])
-def test_matches_peft(name, path):
-  g, meta, theta0, phi = _golden_layer(name)
-  cfg = meta["config"]
-  reparam = lj.lora("lin/kernel", rank=cfg["r"], alpha=cfg["lora_alpha"], rslora=cfg["use_rslora"])
-  x, G = jnp.asarray(g["x"]), jnp.asarray(g["G"])
-
-  def loss(phi):
-    theta = reparam.apply(theta0, phi)
-    if path == "materialized":
-      theta = lj.materialize(theta)
-      assert not isinstance(theta["lin"]["kernel"], lj.LazyWeight)
-    else:
-      assert isinstance(theta["lin"]["kernel"], lj.LoRAWeight)
-    y = _forward(theta, x)
-    return jnp.sum(y * G), y
-
-  (_, y), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(phi)
-  # NB: the stored `y` / `merged_weight` of these golden files are the *base* layer's (recorded before
-  # the adapter values were set; running peft on the stored params disagrees with them, see
-  # test_peft_itself_agrees). The stored gradients are consistent, so outputs are checked against
-  # peft's formula evaluated densely in numpy from the stored params.
-  s = _peft_scale(cfg)
-  W, b = g[PFX + "base_layer.weight"], g[PFX + "base_layer.bias"]
-  A, B = g[PFX + "lora_A.default.weight"], g[PFX + "lora_B.default.weight"]
-  y_ref = g["x"] @ W.T + b + s * (g["x"] @ A.T) @ B.T
-  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(grads["lin"]["kernel"]["a"], g["grad/base_model.model.lin.lora_A.default.weight"].T,
-                             rtol=1e-4, atol=1e-5)
-  np.testing.assert_allclose(grads["lin"]["kernel"]["b"], g["grad/base_model.model.lin.lora_B.default.weight"].T,
-                             rtol=1e-4, atol=1e-5)
-  merged = lj.merge(reparam, theta0, phi)
-  np.testing.assert_allclose(merged["lin"]["kernel"], (W + s * B @ A).T, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(merged["lin"]["bias"], g["merged_bias"], rtol=1e-6)
-  # unmerge(merge(x)) == x
-  back = lj.unmerge(reparam, merged, phi)
-  chex.assert_trees_all_close(back, theta0, atol=1e-6)
+def _reparam(cfg):
+  return lj.lora("lin/kernel", rank=cfg["r"], alpha=cfg["lora_alpha"], rslora=cfg["use_rslora"])
 
 
 def _peft_scale(cfg):
@@ -75,20 +24,33 @@ def _peft_scale(cfg):
 
 
 @pytest.mark.parametrize("name", ["peft_lora", "peft_lora_rslora"])
+def test_matches_peft(name):
+  """``y``, gradients and merge (lazy and materialized paths) against the golden file, and
+  unmerge(merge) == theta0; the stored merge is ``W + s·B A`` with peft's (rs)LoRA scale."""
+  g, meta, _ = H.golden_linear(name)
+  cfg = meta["config"]
+  H.assert_merge_is(g, _peft_scale(cfg) * np.asarray(H.peft_param(g, "lora_B.default.weight"), np.float64)
+                    @ np.asarray(H.peft_param(g, "lora_A.default.weight"), np.float64))
+  H.check_against_peft(name, _reparam(cfg), SPEC, lazy_type=lj.LoRAWeight)
+
+
+@pytest.mark.parametrize("name", ["peft_lora", "peft_lora_rslora"])
 def test_peft_itself_agrees(name):
-  """Runs peft (optional extra) on the stored params: it agrees with us, not with the stored y."""
+  """Runs peft (optional extra) on the stored params: it gives the stored ``y`` and ours."""
   torch = pytest.importorskip("torch")
   peft = pytest.importorskip("peft")
-  g, meta, theta0, phi = _golden_layer(name)
+  g, meta, theta0 = H.golden_linear(name)
   cfg = meta["config"]
+  reparam = _reparam(cfg)
+  phi = H.phi_from_peft(g, reparam, theta0, SPEC)
 
-  pm = peft_linear(peft.LoraConfig(r=cfg["r"], lora_alpha=cfg["lora_alpha"],
-                                   use_rslora=cfg["use_rslora"], target_modules=["lin"]))
+  pm = H.peft_linear(peft.LoraConfig(r=cfg["r"], lora_alpha=cfg["lora_alpha"],
+                                     use_rslora=cfg["use_rslora"], target_modules=["lin"]))
   pm.load_state_dict({k[len("param/"):]: torch.tensor(v) for k, v in g.items() if k.startswith("param/")},
                      strict=False)
   y_peft = pm(torch.tensor(g["x"])).detach().numpy()
-  reparam = lj.lora("lin/kernel", rank=cfg["r"], alpha=cfg["lora_alpha"], rslora=cfg["use_rslora"])
-  y = _forward(reparam.apply(theta0, phi), jnp.asarray(g["x"]))
+  np.testing.assert_allclose(y_peft, g["y"], rtol=1e-5, atol=1e-5)
+  y = H.forward(reparam.apply(theta0, phi), jnp.asarray(g["x"]))
   np.testing.assert_allclose(y, y_peft, rtol=1e-5, atol=1e-5)
 
 

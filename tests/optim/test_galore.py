@@ -23,10 +23,27 @@ def _align(p_ours, p_ref, side):
   return p_ours * jnp.where(dots < 0, -1.0, 1.0)
 
 
+def _galore_torch_run(cfg):
+  """``(arrays, config, steps, want)``: galore-torch's inputs (tests/golden/galore_adamw.npz),
+  the projectors it used (galore_adamw_extra.npz) and ``want(k, name)``, its parameters after
+  step k: the stored snapshots of galore_adamw.npz for ``main`` (its own config), the extra
+  file's for ``alt`` (reverse_std, gap 2, weight decay 0.1)."""
+  base, meta = load_golden("galore_adamw")
+  extra, emeta = load_golden("galore_adamw_extra")
+  arrays = {**base, **extra}
+  c = emeta["configs"][cfg]
+  if cfg == "main":  # the extra file's main config is the stored run's
+    g = meta["galore"]
+    assert (c["rank"], c["gap"], c["scale"], c["proj_type"], c["lr"], c["eps"], c["wd"]) == (
+        g["rank"], g["update_proj_gap"], g["scale"], g["proj_type"], meta["lr"], meta["eps"],
+        meta["weight_decay"])
+  prefix = "" if cfg == "main" else f"{cfg}/"
+  return arrays, c, meta["steps"], lambda k, n: arrays[f"{prefix}step{k}/param/{n}"]
+
+
 @pytest.mark.parametrize("cfg", ["main", "alt"])
 def test_matches_galore_torch_step_by_step(cfg):
-  arrays, meta = load_golden("galore_adamw_steps")
-  c = meta["configs"][cfg]
+  arrays, c, steps, want = _galore_torch_run(cfg)
 
   def make(refs):
     def svd(path, g, side, rank, key):
@@ -43,21 +60,19 @@ def test_matches_galore_torch_step_by_step(cfg):
 
   params = {n: jnp.asarray(arrays[f"init/{n}"]) for n in NAMES}
   state = make(None).init(params)
-  for k in range(meta["steps"]):
+  for k in range(steps):
     refs = {n: jnp.asarray(arrays[f"{cfg}/step{k}/projector/{n}"]) for n in ("W1", "W2")}
     grads = {n: jnp.asarray(arrays[f"step{k}/grad/{n}"]) for n in NAMES}
     u, state = step(grads, state, params, refs)
     params = optax.apply_updates(params, u)
-    want = {n: arrays[f"{cfg}/step{k}/param/{n}"] for n in NAMES}
-    chex.assert_trees_all_close(params, want, atol=1e-5, rtol=0)
+    chex.assert_trees_all_close(params, {n: want(k, n) for n in NAMES}, atol=1e-5, rtol=0)
     proj = state[0].projector
     for n in ("W1", "W2"):  # the projector in use is torch's (after sign alignment)
       np.testing.assert_allclose(proj[n], refs[n], atol=5e-5)  # fp32 SVDs of two LAPACKs
 
 
 def test_projectors_equal_torch_up_to_sign_and_first_period_unaligned():
-  arrays, meta = load_golden("galore_adamw_steps")
-  c = meta["configs"]["main"]
+  arrays, c, _, want = _galore_torch_run("main")
   params = {n: jnp.asarray(arrays[f"init/{n}"]) for n in NAMES}
   tx = gl.galore_adamw(c["lr"], rank=c["rank"], update_proj_gap=c["gap"], scale=c["scale"],
                        proj_type="std", eps=c["eps"], where=["W1", "W2"], compat="galore_torch")
@@ -67,8 +82,7 @@ def test_projectors_equal_torch_up_to_sign_and_first_period_unaligned():
     grads = {n: jnp.asarray(arrays[f"step{k}/grad/{n}"]) for n in NAMES}
     u, state = step(grads, state, params)
     params = optax.apply_updates(params, u)
-    chex.assert_trees_all_close(params, {n: arrays[f"main/step{k}/param/{n}"] for n in NAMES},
-                                atol=1e-5, rtol=0)
+    chex.assert_trees_all_close(params, {n: want(k, n) for n in NAMES}, atol=1e-5, rtol=0)
     for n, side in (("W1", "right"), ("W2", "left")):  # std: right for 64x32, left for 32x64
       ours, ref = state[0].projector[n], arrays[f"main/step{k}/projector/{n}"]
       dots = np.abs(np.sum(np.asarray(ours) * ref, axis=0 if side == "left" else 1))
