@@ -39,6 +39,7 @@ __all__ = [
   "read_header",
   "tensor_infos",
   "read_tensor",
+  "normalize_index",
   "load_file",
   "TensorSource",
   "write_file",
@@ -129,7 +130,9 @@ def tensor_infos(path: str | os.PathLike) -> dict[str, TensorInfo]:
   return read_header(path)[0]
 
 
-def _normalize_index(index, shape: tuple[int, ...], where: str) -> tuple[slice, ...]:
+def normalize_index(index, shape: tuple[int, ...], where: str) -> tuple[slice, ...]:
+  """``index`` (``None``, a slice or a tuple of contiguous slices) as one ``slice(start,
+  stop)`` per axis of ``shape``; ``where`` names the tensor in errors."""
   if index is None:
     return tuple(slice(0, d) for d in shape)
   if not isinstance(index, tuple):
@@ -170,7 +173,7 @@ def read_tensor(path: str | os.PathLike, name: str, dtype=None,
   if info is None:
     raise KeyError(f"tensor {name!r} not found in {path} ({len(infos)} tensors; "
                    f"e.g. {sorted(infos)[:4]})")
-  idx = _normalize_index(index, info.shape, f"{path}: {name}")
+  idx = normalize_index(index, info.shape, f"{path}: {name}")
   rows = idx[0] if info.shape else slice(0, 1)
   row_bytes = (math.prod(info.shape[1:]) if info.shape else 1) * info.dtype.itemsize
   begin = info.begin + rows.start * row_bytes

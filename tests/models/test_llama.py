@@ -1,4 +1,5 @@
-"""Llama-style decoder: causality, RoPE in closed form, GQA, parameter count, lazy weights."""
+"""Llama-style decoder (models.llama, aliases over models.decoder): causality, RoPE in closed
+form, GQA, parameter count, lazy weights."""
 
 import dataclasses
 
@@ -38,7 +39,7 @@ def test_shapes_and_count(params):
   assert "lm_head" not in p_tied
   assert tree_lib.count_params(p_tied) == llama.llama_param_count(tied)
   out = fwd(p_tied, tied, tokens)
-  assert out.shape == (2, 12, CFG.vocab_size) and out.dtype == jnp.bfloat16
+  assert out.shape == (2, 12, CFG.vocab_size) and out.dtype == jnp.float32   # decoder logits are float32
   # Tied head: logits = h @ E^T.
   h = jax.jit(llama.llama_hidden, static_argnums=1)(p_tied, tied, tokens)
   ref = h.astype(jnp.float32) @ p_tied["embed_tokens"]["embedding"].astype(jnp.float32).T

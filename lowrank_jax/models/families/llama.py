@@ -1,0 +1,42 @@
+"""Llama 1-3 and Mistral (Hugging Face ``llama`` / ``mistral``).
+
+Llama: optional ``attention_bias`` (q, k, v, o) and ``mlp_bias``; RoPE scaling
+``linear``, ``dynamic`` or ``llama3``. Mistral: no biases, every layer a sliding-window
+layer when ``sliding_window`` is set.
+"""
+
+from __future__ import annotations
+
+from lowrank_jax.models.families import (COMMON_KEYS, LLAMA_MODULES, Family, _bias_read, register,
+                                         rope_from_hf, rope_to_hf)
+
+
+def _rope_read(hf) -> dict:
+  theta, scaling = rope_from_hf(hf, 10000.0)
+  return {"rope_theta": theta, "rope_scaling": scaling}
+
+
+def _rope_write(c) -> dict:
+  out = {"rope_parameters": rope_to_hf(c.rope_theta, c.rope_scaling), "rope_theta": c.rope_theta}
+  return out
+
+
+LLAMA = register(Family(
+  name="llama", model_types=("llama",), architecture="LlamaForCausalLM",
+  keys=COMMON_KEYS + (("hidden_act", "hidden_act", "silu"), ("mlp_bias", "mlp_bias", False),
+                      ("tie_word_embeddings", "tie_word_embeddings", False)),
+  fixed={},
+  modules=LLAMA_MODULES,
+  read=lambda hf: {**_rope_read(hf), **_bias_read(hf)},
+  write=lambda c: {**_rope_write(c), "attention_bias": c.qkv_bias},
+))
+
+MISTRAL = register(Family(
+  name="mistral", model_types=("mistral",), architecture="MistralForCausalLM",
+  keys=COMMON_KEYS + (("hidden_act", "hidden_act", "silu"), ("sliding_window", "sliding_window", None),
+                      ("tie_word_embeddings", "tie_word_embeddings", False)),
+  fixed={},
+  modules=LLAMA_MODULES,
+  read=_rope_read,
+  write=_rope_write,
+))
