@@ -10,8 +10,10 @@ import time
 
 import pytest
 
+from lowrank_jax.trainer import signals as signals_lib
 from lowrank_jax.trainer.signals import StopFlag
-from tests.trainer.conftest import ROOT
+
+SIGNALS = signals_lib.__file__
 
 
 def test_first_signal_sets_the_flag_second_sigint_raises_and_handlers_are_restored():
@@ -26,14 +28,17 @@ def test_first_signal_sets_the_flag_second_sigint_raises_and_handlers_are_restor
   assert signal.getsignal(signal.SIGTERM) is before
 
 
-CHILD = textwrap.dedent("""
-    import os, signal, sys, time
-    from lowrank_jax.trainer.signals import die_with_parent
+CHILD = textwrap.dedent(f"""
+    import importlib.util, os, signal, sys, time
+    # the module alone (it imports only the standard library), not the whole package
+    spec = importlib.util.spec_from_file_location("signals", {str(SIGNALS)!r})
+    signals = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(signals)
     def bye(signum, frame):
       open(sys.argv[1], "w").write(signal.Signals(signum).name)
       sys.exit(0)
     signal.signal(signal.SIGTERM, bye)
-    print(die_with_parent(int(sys.argv[2])), flush=True)
+    print(signals.die_with_parent(int(sys.argv[2])), flush=True)
     time.sleep(60)
 """)
 PARENT = textwrap.dedent("""
@@ -47,9 +52,8 @@ PARENT = textwrap.dedent("""
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 def test_child_gets_sigterm_when_its_parent_is_killed(tmp_path):
   marker = tmp_path / "marker"
-  env = {**os.environ, "PYTHONPATH": str(ROOT)}
   parent = subprocess.Popen([sys.executable, "-c", PARENT, CHILD, str(marker)], stdout=subprocess.PIPE,
-                            text=True, env=env)
+                            text=True)
   int(parent.stdout.readline())  # the child's pid
   how = parent.stdout.readline().strip()  # the child armed the death signal (same stdout)
   assert how == ("prctl" if sys.platform.startswith("linux") else "poll")
