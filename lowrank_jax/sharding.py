@@ -7,14 +7,15 @@ place the arrays, and the compiled step follows their shardings.
   ``jax.make_mesh`` (device order that follows the physical topology on TPU/GPU),
   falling back to the plain device order where the backend has no topology to use.
 * :func:`partition_specs` gives a ``PartitionSpec`` per leaf from ``(regex, spec)``
-  rules, first match wins (default: replicated). :func:`decoder_rules` and
-  :func:`bert_rules` are the layouts of our model families (below); put your own
+  rules, first match wins (default: replicated). :func:`decoder_sharding_rules` and
+  :func:`bert_sharding_rules` are the layouts of our model families (below); put your own
   ``(regex, spec)`` pairs first to override them.
 * :func:`fsdp_specs` shards every leaf along its largest axis divisible by the
   axis size (ZeRO-3 / FSDP style), for ``theta0`` or full fine-tuning.
 * :func:`phi_specs` derives adapter placements from the base weight's spec.
 * :func:`shard` places a tree (``None`` holes allowed); :func:`like` places an
-  optimizer state the way its parameters are placed.
+  optimizer state the way its parameters are placed; :func:`jit_train_step` jits a
+  step whose outputs keep those placements (no recompilation on the second call).
 
 Layout rules (``fsdp`` and ``tensor`` are mesh axis names, either may be ``None``):
 
@@ -79,8 +80,9 @@ Axis = Optional[str]
 OnIndivisible = Literal["error", "replicate"]
 
 __all__ = ["make_mesh", "parse_mesh_spec", "partition_specs", "fsdp_specs", "phi_specs", "shard",
-           "like", "replicated", "decoder_rules", "bert_rules", "named_shardings", "shape_structs",
-           "leaf_shardings"]
+           "like", "replicated", "decoder_sharding_rules", "bert_sharding_rules",
+           "family_rules", "named_shardings", "shape_structs",
+           "leaf_shardings", "jit_train_step"]
 
 
 # ----------------------------------------------------------------------------- meshes
@@ -265,7 +267,7 @@ def partition_specs(tree: PyTree, rules: Rules, mesh: Mesh, *,
   return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(tree, is_leaf=_is_leaf), out)
 
 
-def decoder_rules(*, fsdp: Axis = "fsdp", tensor: Axis = "tensor", expert: Axis = None) -> list:
+def decoder_sharding_rules(*, fsdp: Axis = "fsdp", tensor: Axis = "tensor", expert: Axis = None) -> list:
   """The decoder layout (``models/decoder.py`` paths) as ``(regex, spec)`` rules; see the
   module docstring. Pass ``None`` for an axis the mesh does not have."""
   col, row = _norm(fsdp, tensor), _norm(tensor, fsdp)
@@ -281,7 +283,25 @@ def decoder_rules(*, fsdp: Axis = "fsdp", tensor: Axis = "tensor", expert: Axis 
   ]
 
 
-def bert_rules(*, fsdp: Axis = "fsdp", tensor: Axis = "tensor") -> list:
+DECODER_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "mixtral",
+                    "qwen3_moe")
+
+
+def family_rules(family: str, *, fsdp: Axis = "fsdp", tensor: Axis = "tensor",
+                 expert: Axis = None) -> list:
+  """The sharding rules of a model family: ``"bert"`` or a decoder family name
+  (``DecoderConfig.family``)."""
+  if family == "bert":
+    if expert is not None:
+      raise ValueError("bert has no experts; leave expert=None")
+    return bert_sharding_rules(fsdp=fsdp, tensor=tensor)
+  if family in DECODER_FAMILIES:
+    return decoder_sharding_rules(fsdp=fsdp, tensor=tensor, expert=expert)
+  raise ValueError(f"no sharding rules for model family {family!r}; known: bert, "
+                   f"{', '.join(DECODER_FAMILIES)}")
+
+
+def bert_sharding_rules(*, fsdp: Axis = "fsdp", tensor: Axis = "tensor") -> list:
   """The BERT layout (``models/bert.py`` paths) as ``(regex, spec)`` rules."""
   col, row = _norm(fsdp, tensor), _norm(tensor, fsdp)
   return [
@@ -474,6 +494,47 @@ def like(state: PyTree, params: PyTree, param_specs: PyTree, mesh: Mesh) -> PyTr
 
   placed = [place(tree_lib.path_str(p), x) for p, x in leaves]
   return jax.tree_util.tree_unflatten(treedef, placed)
+
+
+def _shardings_of(tree: PyTree) -> PyTree:
+  return jax.tree.map(lambda x: getattr(x, "sharding", None), tree)
+
+
+def jit_train_step(step: Callable, *, donate: bool = True) -> Callable:
+  """``jax.jit`` of ``step(phi, opt_state, *rest) -> (phi, opt_state, metrics)`` whose
+  ``phi`` and ``opt_state`` outputs keep the placements of the inputs.
+
+  Plain ``jax.jit`` lets the partitioner choose output shardings (a replicated bias's
+  Adam moments may come back split over ``fsdp``, offloaded state back in device
+  memory), so the next call sees new input shardings and compiles again. Here the
+  outputs are pinned to the inputs' shardings (memory kinds included): one compile per
+  placement, reused every step. Use with ``train.make_train_step(..., jit=False)``.
+
+  Args:
+    step: the unjitted step.
+    donate: donate the ``phi`` and ``opt_state`` buffers.
+
+  Returns:
+    The jitted step; ``._cache_size()`` counts its compilations, ``.lower(*args)`` lowers it.
+  """
+  compiled: dict = {}
+
+  def jitted(phi, opt_state):
+    phi_sh, state_sh = _shardings_of(phi), _shardings_of(opt_state)
+    leaves, treedef = jax.tree_util.tree_flatten((phi_sh, state_sh), is_leaf=lambda s: s is None)
+    key = (treedef, tuple(leaves))
+    fn = compiled.get(key)
+    if fn is None:
+      fn = compiled[key] = jax.jit(step, out_shardings=(phi_sh, state_sh, None),
+                                   donate_argnums=(0, 1) if donate else ())
+    return fn
+
+  def call(phi, opt_state, *rest):
+    return jitted(phi, opt_state)(phi, opt_state, *rest)
+
+  call.lower = lambda phi, opt_state, *rest: jitted(phi, opt_state).lower(phi, opt_state, *rest)
+  call._cache_size = lambda: sum(f._cache_size() for f in compiled.values())
+  return call
 
 
 def _codec_spec(x, hit, mesh: Mesh):

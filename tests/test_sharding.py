@@ -79,3 +79,174 @@ def test_fsdp_specs_and_errors():
   assert placed["big"].addressable_shards[0].data.shape == (300, 64)
   with pytest.raises(ValueError, match=r"leaf 'odd' of shape \(129, 131\): axis 0"):
     sharding.partition_specs(tree, [("odd", P("fsdp"))], mesh)
+
+
+def _decoder_tree(d=64, f=128, v=96, kv=48, e=4):
+  """Leaves with the decoder layout of CONTRACTS.md (dense and MoE layers)."""
+  z = jnp.zeros
+  attn = {n: {"kernel": z((d, kv if n in ("k_proj", "v_proj") else d))}
+          for n in ("q_proj", "k_proj", "v_proj")}
+  attn["q_proj"]["bias"] = z(d)
+  attn["o_proj"] = {"kernel": z((d, d))}
+  mlp = {"gate_proj": {"kernel": z((d, f))}, "up_proj": {"kernel": z((d, f))},
+         "down_proj": {"kernel": z((f, d))}}
+  moe = {"router": {"kernel": z((d, e))},
+         "experts": {"gate_proj": {"kernel": z((e, d, f))}, "up_proj": {"kernel": z((e, d, f))},
+                     "down_proj": {"kernel": z((e, f, d))}}}
+  layer = lambda m: {"input_norm": {"scale": z(d)}, "attention": attn, "post_attention_norm": {"scale": z(d)},
+                     "mlp": m}
+  return {"embed_tokens": {"embedding": z((v, d))}, "norm": {"scale": z(d)},
+          "layers": {"layer_0": layer(mlp), "layer_1": layer(moe)}, "lm_head": {"kernel": z((d, v))}}
+
+
+@needs_8
+def test_decoder_rules_layout_overrides_and_indivisible():
+  mesh = sharding.make_mesh("fsdp:2,tensor:2,expert:2")
+  tree = _decoder_tree()
+  specs = sharding.partition_specs(tree, sharding.family_rules("llama", expert="expert"), mesh)
+  l0, l1 = specs["layers"]["layer_0"], specs["layers"]["layer_1"]
+  assert l0["attention"]["q_proj"] == {"kernel": P("fsdp", "tensor"), "bias": P("tensor")}
+  assert l0["attention"]["k_proj"]["kernel"] == P("fsdp", "tensor")
+  assert l0["attention"]["o_proj"]["kernel"] == P("tensor", "fsdp")
+  assert l0["mlp"]["gate_proj"]["kernel"] == l0["mlp"]["up_proj"]["kernel"] == P("fsdp", "tensor")
+  assert l0["mlp"]["down_proj"]["kernel"] == P("tensor", "fsdp")
+  assert l1["mlp"]["experts"]["gate_proj"]["kernel"] == P("expert", "fsdp", "tensor")
+  assert l1["mlp"]["experts"]["down_proj"]["kernel"] == P("expert", "tensor", "fsdp")
+  assert l1["mlp"]["router"]["kernel"] == P("fsdp")
+  assert specs["embed_tokens"]["embedding"] == P("tensor", "fsdp")
+  assert specs["lm_head"]["kernel"] == P("fsdp", "tensor")
+  assert specs["norm"]["scale"] == l0["input_norm"]["scale"] == P()
+  placed = sharding.shard(tree, specs, mesh)
+  assert placed["layers"]["layer_1"]["mlp"]["experts"]["down_proj"]["kernel"].addressable_shards[0]\
+      .data.shape == (2, 64, 32)
+  # a rule put first overrides the family's
+  over = sharding.partition_specs(tree, [(r"lm_head/kernel$", P())] + sharding.decoder_sharding_rules(), mesh)
+  assert over["lm_head"]["kernel"] == P()
+  # GQA: k/v kernels of 3 heads x 14 do not split over tensor:4
+  mesh4 = sharding.make_mesh("fsdp:2,tensor:4")
+  odd = {"attention": {"k_proj": {"kernel": jnp.zeros((64, 42))}, "q_proj": {"kernel": jnp.zeros((64, 64))}}}
+  rules = sharding.decoder_sharding_rules(fsdp=None)
+  with pytest.raises(ValueError, match=r"leaf 'attention/k_proj/kernel' of shape \(64, 42\): axis 1 \(42\) "
+                                       r"is not divisible by mesh axis 'tensor' of size 4"):
+    sharding.partition_specs(odd, rules, mesh4)
+  with pytest.warns(UserWarning, match=r"replicated instead of sharded: leaf 'attention/k_proj/kernel'"):
+    s = sharding.partition_specs(odd, rules, mesh4, on_indivisible="replicate")
+  assert s["attention"] == {"k_proj": {"kernel": P()}, "q_proj": {"kernel": P(None, "tensor")}}
+  with pytest.raises(ValueError, match="no sharding rules for model family 'gpt9'"):
+    sharding.family_rules("gpt9")
+
+
+@needs_8
+def test_bert_rules_match_the_bert_tree():
+  from lowrank_jax.models import bert
+  config = bert.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, max_position_embeddings=16)
+  params = bert.init_bert(jax.random.key(0), config)
+  mesh = sharding.make_mesh("fsdp:4,tensor:2")
+  specs = sharding.partition_specs(params, sharding.family_rules("bert"), mesh)
+  layer = specs["encoder"]["layer_1"]
+  assert layer["attention"]["query"] == {"kernel": P("fsdp", "tensor"), "bias": P("tensor")}
+  assert layer["attention"]["output"]["kernel"] == P("tensor", "fsdp")
+  assert layer["attention"]["output"]["bias"] == P()
+  assert layer["intermediate"]["kernel"] == P("fsdp", "tensor")
+  assert layer["output"]["kernel"] == P("tensor", "fsdp")
+  assert layer["output"]["LayerNorm"]["scale"] == P()
+  assert specs["embeddings"]["word_embeddings"]["embedding"] == P("tensor", "fsdp")
+
+
+@needs_8
+def test_phi_specs_of_a_chain_and_sharded_chain_step():
+  """chain(lora, full) gives a tuple phi: LoRA factors follow the base's axes, the fully
+  trained bias the bias's spec; the sharded step equals the unsharded one."""
+  theta0, batch = _mlp_setup(jax.random.key(0))
+  reparam = lj.chain(lj.lora(r"kernel", rank=4, alpha=8), lj.full(r"bias"))
+  phi = jax.tree.map(lambda a: a + 0.01, reparam.init(jax.random.key(1), theta0))
+  mesh = sharding.make_mesh("data:2,model:4")
+  specs = sharding.partition_specs(theta0, [(r"l1/kernel", P(None, "model")), (r"l1/bias", P("model")),
+                                            (r"l2/kernel", P("model", None))], mesh)
+  pspecs = sharding.phi_specs(phi, theta0, specs)
+  assert isinstance(pspecs, tuple) and len(pspecs) == 2
+  lora_s, full_s = pspecs
+  assert lora_s["l1"]["kernel"] == {"a": P(), "b": P(None, "model")}
+  assert lora_s["l2"]["kernel"] == {"a": P("model", None), "b": P()}
+  assert lora_s["l1"]["bias"] is None and full_s["l1"]["kernel"] is None
+  assert full_s["l1"]["bias"] == {"w": P("model")} and full_s["l2"]["bias"] == {"w": P()}
+  opt = optax.sgd(0.1, momentum=0.9)
+  step = train.make_train_step(reparam, opt, _loss, donate=False)
+  ref = step(phi, opt.init(phi), theta0, batch, None)
+  sphi = sharding.shard(phi, pspecs, mesh)
+  out = step(sphi, sharding.like(opt.init(sphi), sphi, pspecs, mesh), sharding.shard(theta0, specs, mesh),
+             sharding.shard(batch, {"x": P("data"), "y": P("data")}, mesh), None)
+  chex.assert_trees_all_close(out[0], ref[0], atol=1e-5, rtol=1e-5)
+
+
+def test_adapter_spec_rules():
+  """Placement of adapter arrays from the base spec: LoRA factors, DoRA magnitude, N-d bases."""
+  spec = P("fsdp", "tensor")
+  assert sharding._adapter_spec((64, 8), (64, 32), spec) == P("fsdp", None)     # a [in, r]
+  assert sharding._adapter_spec((8, 32), (64, 32), spec) == P(None, "tensor")   # b [r, out]
+  assert sharding._adapter_spec((32,), (64, 32), spec) == P("tensor")           # per-output vector
+  assert sharding._adapter_spec((64, 32), (64, 32), spec) == spec               # full
+  assert sharding._adapter_spec((3, 3), (64, 32), spec) == P()
+  # [E, D, F] seen as [E, D*F] (in_ndim=1): a [E, r] takes the expert entry; b [r, D*F] needs
+  # the D entry alone (F unsharded)
+  e3 = P("expert", "fsdp", None)
+  assert sharding._adapter_spec((4, 8), (4, 16, 32), e3) == P("expert", None)
+  assert sharding._adapter_spec((8, 16 * 32), (4, 16, 32), e3) == P(None, "fsdp")
+  assert sharding._adapter_spec((8, 16 * 32), (4, 16, 32), P("expert", "fsdp", "tensor")) == P()
+
+
+@needs_8
+@pytest.mark.parametrize("name", ["adamw", "galore", "adam8bit", "offload"])
+def test_like_places_state_and_the_step_compiles_once(name):
+  """Optimizer state placed like its parameters (GaLore's projector and low-rank moments on
+  the shared axis, offloaded pages in host memory); the second and third steps reuse the
+  first compilation; the result equals the unsharded step."""
+  import warnings
+  from lowrank_jax import optim
+  k = jax.random.split(jax.random.key(0), 4)
+  theta0 = {"l1": {"kernel": jax.random.normal(k[0], (64, 128)) / 8, "bias": jnp.zeros(128)},
+            "l2": {"kernel": jax.random.normal(k[1], (128, 64)) / 8, "bias": jnp.zeros(64)}}
+  batch = {"x": jax.random.normal(k[2], (16, 64)), "y": jax.random.randint(k[3], (16,), 0, 64)}
+  opt = {"adamw": lambda: optax.adamw(1e-3),
+         "galore": lambda: optim.galore_adamw(1e-3, rank=8, update_proj_gap=2),
+         "adam8bit": lambda: optim.adamw_8bit(1e-3, min_8bit_size=1024),
+         "offload": lambda: optim.offload(optax.adamw(1e-3), enabled=True)}[name]()
+  reparam = lj.full(r".*")
+  phi = reparam.init(jax.random.key(1), theta0)
+  mesh = sharding.make_mesh("data:2,fsdp:2,tensor:2")
+  specs = sharding.partition_specs(theta0, [(r"l1/kernel", P("fsdp", "tensor")), (r"l1/bias", P("tensor")),
+                                            (r"l2/kernel", P("tensor", "fsdp"))], mesh)
+  pspecs = sharding.phi_specs(phi, theta0, specs)
+  raw = train.make_train_step(reparam, opt, _loss, donate=False, jit=False)
+  ref_phi, ref_state, ref_step = phi, opt.init(phi), jax.jit(raw)
+  for _ in range(3):
+    ref_phi, ref_state, _ = ref_step(ref_phi, ref_state, theta0, batch, None)
+  sphi = sharding.shard(phi, pspecs, mesh)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)
+    state = sharding.like(opt.init(sphi), sphi, pspecs, mesh)
+  step = sharding.jit_train_step(raw, donate=False)
+  t0, sbatch = sharding.shard(theta0, specs, mesh), sharding.shard(batch, {"x": P("data"), "y": P("data")}, mesh)
+  placed = jax.tree.map(lambda x: x.sharding, state)
+  for _ in range(3):
+    sphi, state, _ = step(sphi, state, t0, sbatch, None)
+  assert step._cache_size() == 1
+  assert jax.tree.map(lambda x: x.sharding, state) == placed
+  chex.assert_trees_all_close(sphi, ref_phi, atol=2e-5, rtol=2e-5)
+  flat = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(state)[0]}
+  specs_of = {p: x.sharding.spec for p, x in flat.items()}
+  if name == "adamw":
+    assert specs_of["[0].mu['l1']['kernel']['w']"] == P("fsdp", "tensor")
+    assert specs_of["[0].nu['l2']['kernel']['w']"] == P("tensor", "fsdp")
+    assert specs_of["[0].mu['l1']['bias']['w']"] == P("tensor")
+    assert specs_of["[0].count"] == P()
+  if name == "galore":  # l1 [64, 128] projects left: U [64, 8], moments [8, 128]; l2 right
+    assert specs_of["[0].projector['l1']['kernel']['w']"] == P("fsdp", None)
+    assert specs_of["[0].inner_state.mu['l1']['kernel']['w']"] == P(None, "tensor")
+    assert specs_of["[0].projector['l2']['kernel']['w']"] == P(None, "fsdp")
+    assert specs_of["[0].inner_state.nu['l2']['kernel']['w']"] == P("tensor", None)
+  if name == "offload":
+    kinds = {x.sharding.memory_kind for x in flat.values()}
+    assert kinds == {"pinned_host"}
+    assert specs_of[".pages.states['l1/kernel/w'][0].mu['l1/kernel/w']"] == P("fsdp", "tensor")
