@@ -250,3 +250,41 @@ def test_like_places_state_and_the_step_compiles_once(name):
     kinds = {x.sharding.memory_kind for x in flat.values()}
     assert kinds == {"pinned_host"}
     assert specs_of[".pages.states['l1/kernel/w'][0].mu['l1/kernel/w']"] == P("fsdp", "tensor")
+
+
+_HLO = """
+  %all-gather.39 = f32[256,8]{1,0} all-gather(%param.17), channel_id=78, dimensions={0}
+  ROOT %ar = (f32[4]{0}, bf16[2,2]{1,0}) all-reduce(%a, %b), channel_id=2, to_apply=%add
+  %rs = bf16[16,4]{1,0} reduce-scatter(%x), dimensions={0}, to_apply=%add
+  %a2a = s32[8,2]{1,0} all-to-all(%y), dimensions={0}
+  %cp.1 = u8[10]{0} collective-permute(%z), source_target_pairs={{0,1}}
+  %ags = ((u8[4,8]{1,0}), u8[32,8]{1,0}) all-gather-start(%codes), dimensions={0}
+  %agd = u8[32,8]{1,0} all-gather-done(%ags)
+  %cps = (f32[6]{0}, f32[6]{0}, u32[], u32[]) collective-permute-start(%w), source_target_pairs={{0,1}}
+  %not = f32[8]{0} add(%all-gather.39, %x)
+"""
+
+
+def test_hlo_collective_parser():
+  from bench import collectives
+  ops = collectives.parse_collectives(_HLO)
+  assert [(o.kind, o.dtype, o.nbytes) for o in ops] == [
+      ("all-gather", "f32", 256 * 8 * 4), ("all-reduce", "f32", 16 + 8), ("reduce-scatter", "bf16", 128),
+      ("all-to-all", "s32", 64), ("collective-permute", "u8", 10), ("all-gather", "u8", 256),
+      ("collective-permute", "f32", 24)]
+  s = collectives.summarize(ops)
+  assert s["all-gather"]["count"] == 2 and s["all-gather"]["bytes_by_dtype"] == {"f32": 8192, "u8": 256}
+  assert s["collective-permute"] == {"count": 2, "bytes": 34, "bytes_by_dtype": {"u8": 10, "f32": 24}}
+
+
+@needs_8
+def test_hlo_collective_parser_on_a_compiled_gather():
+  """Replicating an fsdp-sharded [64, 32] float32 array all-gathers 8 KiB per device."""
+  from bench import collectives
+  from jax.sharding import NamedSharding
+  mesh = sharding.make_mesh("fsdp:8")
+  x = jax.device_put(jnp.ones((64, 32)), NamedSharding(mesh, P("fsdp")))
+  text = jax.jit(lambda x: x * 2, out_shardings=NamedSharding(mesh, P())).lower(x).compile().as_text()
+  s = collectives.summarize(collectives.parse_collectives(text))
+  assert s["all-gather"]["count"] == 1 and s["all-gather"]["bytes"] == 64 * 32 * 4
+  assert sum(v["count"] for v in s.values()) == 1
