@@ -72,6 +72,7 @@ import numpy as np
 
 from lowrank_jax import lazy, ops
 from lowrank_jax.models import families, layers
+from lowrank_jax.models import slots as slots_lib
 from lowrank_jax.models.attention import AttentionImpl
 
 __all__ = [
@@ -663,7 +664,8 @@ def decoder_forward(params: PyTree, config: DecoderConfig, input_ids: jax.Array,
 # --------------------------------------------------------------------------- slots
 
 
-def slots(config: DecoderConfig):
-  """The model-owned slots of this decoder (:class:`lowrank_jax.models.slots.ModelSlots`)."""
-  from lowrank_jax.models import slots as slots_lib  # created by another module owner; see report
-  return slots_lib.decoder_slots(config)
+def slots(config: DecoderConfig, *, root: Optional[str] = None) -> slots_lib.ModelSlots:
+  """Where this decoder's slots are (:func:`lowrank_jax.models.slots.decoder_slots`: layers
+  ``layers/layer_{i}``, adapters after ``attention/o_proj`` and ``mlp/(experts/)down_proj``,
+  prefixes of ``[P, num_kv_heads, head_dim]``), for the adapter and prefix methods."""
+  return slots_lib.decoder_slots(config, root=root)

@@ -315,3 +315,15 @@ def test_config_validation():
     _tiny(rope_scaling={"rope_type": "yarn", "factor": 2.0})
   with pytest.raises(ValueError, match="cannot be written as a llama config.json: qk_norm"):
     _tiny(qk_norm=True).to_hf()
+
+
+def test_slots_describe_the_decoder_layout():
+  c = TINY["qwen3_moe"]
+  s = decoder.slots(c)
+  assert (s.family, s.num_layers, s.hidden_size, s.num_kv_heads, s.head_dim) == ("qwen3_moe", 2, 32, 2, 8)
+  paths = decoder.param_shapes(c)
+  for slot, anchor in [("attention_adapter", "layers/layer_1/attention/o_proj/kernel"),
+                       ("output_adapter", "layers/layer_1/mlp/experts/down_proj/kernel"),
+                       ("prefix", "layers/layer_1/attention/k_proj/kernel")]:
+    assert anchor in paths and s.match(anchor, slot) == ("layers/layer_1", 1)
+  assert s.prefix_shape(3, paths["layers/layer_0/attention/k_proj/kernel"][1]) == (3, 2, 8)
