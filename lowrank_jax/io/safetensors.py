@@ -190,7 +190,8 @@ def read_tensor(path: str | os.PathLike, name: str, dtype=None,
   if info.shape and len(idx) > 1:
     buf = buf[(slice(None),) + idx[1:]]
   target = info.dtype if dtype is None else _np_dtype(dtype)
-  return np.ascontiguousarray(buf.astype(target, copy=False))
+  out = buf.astype(target, copy=False)
+  return out if out.flags.c_contiguous else out.copy()  # (ascontiguousarray makes 0-d arrays 1-d)
 
 
 def load_file(path: str | os.PathLike, dtype=None) -> dict[str, np.ndarray]:

@@ -83,3 +83,64 @@ def test_minilm_file_converts_completely():
   assert back.keys() == raw.keys() - {"embeddings.position_ids"}
   for k, v in back.items():
     np.testing.assert_array_equal(v, raw[k])
+
+
+# --------------------------------------------------------------------------- io.safetensors
+
+
+def test_io_safetensors_agrees_with_the_reference_library(tmp_path):
+  from safetensors.numpy import load_file, save_file
+  from lowrank_jax.io import safetensors as st
+  rng = np.random.default_rng(1)
+  flat = {"a": rng.normal(size=(5, 3)).astype(np.float32), "b": np.arange(7, dtype=np.int64),
+          "c": rng.normal(size=(2, 3, 4)).astype(np.float16), "d": np.array(3.5, np.float32),
+          "e": np.zeros((0, 4), np.float32), "f": np.array([True, False])}
+  st.save_file(flat, tmp_path / "ours.safetensors", {"format": "pt"})
+  theirs = load_file(str(tmp_path / "ours.safetensors"))
+  save_file(flat, str(tmp_path / "theirs.safetensors"))
+  for path in ("ours.safetensors", "theirs.safetensors"):
+    back = st.load_file(tmp_path / path)
+    assert back.keys() == flat.keys()
+    for k in flat:
+      assert back[k].dtype == flat[k].dtype and back[k].shape == flat[k].shape
+      np.testing.assert_array_equal(back[k], flat[k])
+  for k in flat:
+    np.testing.assert_array_equal(theirs[k], flat[k])
+  assert st.read_header(tmp_path / "ours.safetensors")[1] == {"format": "pt"}
+
+
+def test_io_safetensors_bfloat16_slices_and_dtype(tmp_path):
+  import ml_dtypes
+  from lowrank_jax.io import safetensors as st
+  x = np.random.default_rng(2).normal(size=(6, 5, 4)).astype(ml_dtypes.bfloat16)
+  st.save_file({"x": x}, tmp_path / "b.safetensors")
+  np.testing.assert_array_equal(st.read_tensor(tmp_path / "b.safetensors", "x"), x)
+  part = st.read_tensor(tmp_path / "b.safetensors", "x", np.float32, (slice(2, 5), slice(1, 3)))
+  np.testing.assert_array_equal(part, x[2:5, 1:3].astype(np.float32))
+  assert part.dtype == np.float32 and part.flags.c_contiguous
+  torch = pytest.importorskip("torch")
+  from safetensors.torch import load_file as torch_load, save_file as torch_save
+  t = torch_load(str(tmp_path / "b.safetensors"))["x"]
+  assert t.dtype == torch.bfloat16
+  np.testing.assert_array_equal(t.float().numpy(), x.astype(np.float32))
+  torch_save({"y": t[1:3].contiguous()}, str(tmp_path / "t.safetensors"))
+  np.testing.assert_array_equal(st.read_tensor(tmp_path / "t.safetensors", "y"), x[1:3])
+
+
+def test_io_safetensors_errors(tmp_path):
+  from lowrank_jax.io import safetensors as st
+  path = tmp_path / "m.safetensors"
+  st.save_file({"w": np.ones((4, 4), np.float32)}, path)
+  with pytest.raises(KeyError, match="tensor 'v' not found in .*m.safetensors"):
+    st.read_tensor(path, "v")
+  with pytest.raises(st.SafetensorsError, match="step"):
+    st.read_tensor(path, "w", index=(slice(0, 4, 2),))
+  raw = path.read_bytes()
+  (tmp_path / "cut.safetensors").write_bytes(raw[:-8])
+  with pytest.raises(st.SafetensorsError, match="cut.safetensors: tensor 'w'.*does not fit"):
+    st.read_tensor(tmp_path / "cut.safetensors", "w")
+  (tmp_path / "junk.safetensors").write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{abcd")
+  with pytest.raises(st.SafetensorsError, match="header is not valid JSON"):
+    st.read_header(tmp_path / "junk.safetensors")
+  with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+    st.checkpoint_files(tmp_path)
