@@ -34,10 +34,13 @@ import json
 import os
 from typing import Literal, Mapping, Optional, Protocol, Sequence
 
+import jinja2
+import jinja2.ext
+import jinja2.sandbox
 import numpy as np
 
 __all__ = ["TextTokenizer", "Example", "SFTRows", "read_jsonl", "record_segments", "tokenize_record",
-           "pack", "load_sft"]
+           "pack", "load_sft", "render_chat_template"]
 
 ROW_KEYS = ("input_ids", "segment_ids", "positions", "targets", "loss_mask")
 
@@ -87,6 +90,28 @@ def read_jsonl(path: str | os.PathLike) -> list[tuple[str, dict]]:
   if not out:
     raise ValueError(f"{os.fspath(path)}: no records")
   return out
+
+
+def _raise(message: str):
+  raise jinja2.TemplateError(message)
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+  return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def render_chat_template(template: str, messages: Sequence[Mapping[str, str]], *,
+                         add_generation_prompt: bool = False, **special_tokens: str) -> str:
+  """A Hugging Face chat template (Jinja, from ``tokenizer_config.json``) rendered as
+  ``transformers`` renders it: a sandboxed environment with ``trim_blocks`` and
+  ``lstrip_blocks``, the ``tojson`` filter, ``raise_exception``, loop controls, and the
+  special tokens (``bos_token=...``) as variables."""
+  env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                     extensions=[jinja2.ext.loopcontrols])
+  env.filters["tojson"] = _tojson
+  env.globals["raise_exception"] = _raise
+  return env.from_string(template).render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                          **special_tokens)
 
 
 def _check_messages(messages, where: str) -> list[dict]:

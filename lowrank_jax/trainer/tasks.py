@@ -13,7 +13,9 @@ evaluation. Each task turns a :class:`~lowrank_jax.trainer.config.RunConfig` int
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import jax
@@ -188,19 +190,41 @@ def sft_loss(logits: jax.Array, batch: Mapping[str, jax.Array]) -> tuple[jax.Arr
   return jnp.sum(ce * w), jnp.sum(w)
 
 
-class _Tokenizer:
-  """A decoder tokenizer as :class:`lowrank_jax.data.sft.TextTokenizer`."""
+def _special_id(tok, value) -> Optional[int]:
+  """The id of a ``tokenizer_config.json`` special token (a string or ``{"content": ...}``)."""
+  if isinstance(value, dict):
+    value = value.get("content")
+  return None if value is None else tok.token_to_id(value)
 
-  def __init__(self, tok):
-    self.tok = tok
-    self.bos_id = getattr(tok, "bos_id", None)
-    self.eos_id = getattr(tok, "eos_id", None)
 
-  def encode(self, text):
-    return self.tok.encode(text, add_special_tokens=False)
+class FolderTokenizer:
+  """A Hugging Face tokenizer folder as :class:`lowrank_jax.data.sft.TextTokenizer`:
+  ``tokenizer.json`` (the ``tokenizers`` library) for the ids, ``tokenizer_config.json``
+  for ``bos_token`` / ``eos_token`` and the chat template."""
 
-  def apply_chat_template(self, messages, add_generation_prompt=False):
-    return self.tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+  def __init__(self, folder: str):
+    self.folder = folder
+    self.tok = tokenization.load_tokenizer(folder)
+    cfg_path = os.path.join(folder, "tokenizer_config.json") if os.path.isdir(folder) else None
+    cfg = {}
+    if cfg_path and os.path.exists(cfg_path):
+      with open(cfg_path) as f:
+        cfg = json.load(f)
+    self.bos_id = _special_id(self.tok, cfg.get("bos_token"))
+    self.eos_id = _special_id(self.tok, cfg.get("eos_token"))
+    self.chat_template = cfg.get("chat_template")
+    self.special = {k: (v.get("content") if isinstance(v, dict) else v) for k, v in cfg.items()
+                    if k.endswith("_token") and isinstance(v, (str, dict))}
+
+  def encode(self, text: str) -> list[int]:
+    return self.tok.encode(text, add_special_tokens=False).ids
+
+  def apply_chat_template(self, messages, add_generation_prompt: bool = False) -> str:
+    if not self.chat_template:
+      raise ValueError(f"{self.folder}: tokenizer_config.json has no chat_template; 'messages' records "
+                       "need one ('prompt'/'response' records do not)")
+    return sft_data.render_chat_template(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
+                                     **self.special)
 
 
 def sft(config: RunConfig, keys: Keys) -> Problem:
@@ -212,9 +236,9 @@ def sft(config: RunConfig, keys: Keys) -> Problem:
     params = decoder.init_decoder(keys.model, dcfg, dtype)
     base = base_lib.tree_ref(f"random {dcfg.family} decoder", params)
   else:
-    dcfg, params = decoder.load_pretrained(m.path, dtype=dtype)
+    dcfg, params = hf_decoder.load_pretrained(m.path, dtype=dtype)
     base = base_lib.folder_ref(m.path)
-  tokenizer = _Tokenizer(decoder.load_tokenizer(m.tokenizer or m.path))
+  tokenizer = FolderTokenizer(m.tokenizer or m.path)
   load = lambda path: sft_data.load_sft(path, tokenizer, d.seq_len, packing=d.pack, loss_on=d.loss_on,
                                         too_long=d.too_long)
   rows = {"train": load(d.train)}
@@ -253,10 +277,8 @@ def sft(config: RunConfig, keys: Keys) -> Problem:
     loss = total / max(count, 1.0)
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(count)}
 
-  save_merged = None
-  if hasattr(decoder, "save_pretrained"):
-    def save_merged(folder, merged, out_dtype):
-      decoder.save_pretrained(folder, dcfg, merged, dtype=out_dtype)
+  def save_merged(folder, merged, out_dtype):
+    hf_decoder.save_pretrained(folder, dcfg, merged, dtype=out_dtype)
 
   split = ("eval", "eval") if d.eval is not None else None
   info = {"n_train": rows["train"].rows,
