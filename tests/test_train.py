@@ -58,3 +58,18 @@ def test_step_timer_skips_warmup_and_falls_back():
     timer.time(fn, jnp.zeros(()))
   assert len(timer.all_times) == 5 and timer.times == timer.all_times[2:]
   assert timer.median == float(np.median(timer.all_times[2:]))
+
+
+def test_check_finite_flags_non_finite_loss_gradients_or_parameters():
+  theta0, batch, reparam, phi, loss_fn = _setup()
+  ok = train.make_train_step(reparam, optax.sgd(0.1), loss_fn, donate=False, check_finite=True)
+  assert bool(ok(phi, optax.sgd(0.1).init(phi), theta0, batch, None)[2]["finite"])
+  blowup = optax.scale(float("inf"))
+  huge = train.make_train_step(reparam, blowup, loss_fn, donate=False, check_finite=True)
+  _, _, m = huge(phi, blowup.init(phi), theta0, batch, None)
+  assert np.isfinite(m["loss"]) and not bool(m["finite"])  # the update overflowed the parameters
+  bad = jax.tree.map(lambda x: x.at[(0,) * x.ndim].set(jnp.nan), phi)
+  assert not bool(ok(bad, optax.sgd(0.1).init(bad), theta0, batch, None)[2]["finite"])
+  assert "finite" not in train.make_train_step(reparam, optax.sgd(0.1), loss_fn, donate=False)(
+      phi, optax.sgd(0.1).init(phi), theta0, batch, None)[2]
+  assert bool(train.all_finite({"a": jnp.ones(2), "n": jnp.arange(3)})) and bool(train.all_finite({}))
