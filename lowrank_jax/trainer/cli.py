@@ -120,7 +120,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         row = run(c, out, resume=args.resume, quiet=args.quiet, stop=stop)
         status = row["status"]
       else:
-        status, row = _run_child(c, out, args.resume, args.quiet, stop)
+        try:
+          status, row = _run_child(c, out, args.resume, args.quiet, stop)
+        except RuntimeError as e:  # the child printed its traceback
+          print(f"error: {e}", file=sys.stderr)
+          return EXIT_FAILED
       if status == "interrupted" or stop.requested:
         print(f"interrupted by {stop.signal or 'a signal'} during {c.name}; its checkpoint is written. "
               f"Continue with: lowrank-jax-train {' '.join(args.configs)} --out {out} --resume",

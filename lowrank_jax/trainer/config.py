@@ -3,7 +3,7 @@
 One JSON file per run (``configs/*.json``)::
 
     {"name": "lora_r8_qv", "task": "classification",
-     "model": {"kind": "bert", "dropout": 0.1, "pooling": "mean"},
+     "model": {"kind": "bert", "pooling": "mean"},
      "data": {"max_len": 64},
      "methods": [{"name": "lora", "where": "(query|value)/kernel", "rank": 8, "alpha": 16}],
      "quantize": null,
@@ -41,6 +41,7 @@ import math
 import os
 import pathlib
 import re
+import types
 import typing
 from typing import Any, Literal, Optional, Sequence, Union
 
@@ -97,7 +98,8 @@ class ModelConfig:
       for tests.
     tokenizer: folder (or file) with ``tokenizer.json``; default ``path`` (MiniLM's for bert).
     dtype: the base's dtype in memory.
-    dropout: hidden and attention dropout while training (bert).
+    dropout: dropout while training: BERT's hidden and attention dropout, a decoder's
+      attention dropout; ``None`` keeps the model config's own rates.
     pooling: what the classification head reads: the masked ``"mean"`` or ``"cls"``.
     remat: recompute each decoder block in the backward pass (less memory).
   """
@@ -106,7 +108,7 @@ class ModelConfig:
   random: Optional[Any] = None  # parsed into bert.BertConfig / decoder.DecoderConfig by kind
   tokenizer: Optional[str] = None
   dtype: DTypeName = "float32"
-  dropout: float = checked(0.1, *_fraction)
+  dropout: Optional[float] = checked(None, *_fraction)
   pooling: Literal["mean", "cls"] = "mean"
   remat: bool = False
 
@@ -318,10 +320,6 @@ _DATA = {"classification": ClassificationData, "sft": SFTData}
 _MODEL_CONFIG = {"bert": bert.BertConfig, "decoder": decoder.DecoderConfig}
 
 
-def _model_config_fields(cls) -> dict[str, Any]:
-  return {f.name: f.type for f in dataclasses.fields(cls)}
-
-
 def _parse_random(kind: str, raw, source: str):
   """``model.random`` as the model family's config dataclass (unknown keys with a did-you-mean)."""
   if raw is None:
@@ -491,68 +489,79 @@ def _check_codec(q: QuantizeConfig, source: str, key: str) -> None:
 # ------------------------------------------------------------------------ files, overrides
 
 
+class _MethodList:
+  """Schema marker: the ``methods`` list (indexed by position)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Fields:
+  """Schema marker: an object whose keys are the fields of ``cls`` (a registry method's
+  config, a model config), plus ``extra`` string keys."""
+  cls: type
+  extra: tuple[str, ...] = ()
+
+
+_SCALARS = (int, float, bool, str, type(None))
+
+
+def _simple(tp):
+  """``tp`` when :func:`coerce_text` reads it by type (scalars, literals, optional scalars),
+  else ``Any`` (the text is read as JSON)."""
+  if tp in _SCALARS or typing.get_origin(tp) is Literal:
+    return tp
+  if typing.get_origin(tp) in (Union, types.UnionType) and all(
+      a in _SCALARS or typing.get_origin(a) is Literal for a in typing.get_args(tp)):
+    return tp
+  return Any
+
+
+def _schema_step(tp, key: str, node, raw: dict, source: str, prefix: str, display: str):
+  """The type of ``key`` inside a value of type ``tp`` (``node``: that value in ``raw``)."""
+  if tp is RunConfig and key == "data":
+    return _DATA.get(raw.get("task", "classification"), ClassificationData)
+  if tp is RunConfig and key == "methods":
+    return _MethodList
+  if tp is _MethodList:
+    items = node if isinstance(node, list) else []
+    if not key.isdigit():
+      raise ConfigError(f"{source}: {display}: methods are indexed by position (methods.0.rank)")
+    if int(key) >= len(items):
+      raise ConfigError(f"{source}: {display}: the config has {len(items)} method(s)")
+    return _Fields(registry.get(items[int(key)].get("name", "")).config_cls, extra=("name",))
+  if tp is ModelConfig and key == "random":
+    kind = node.get("kind", "bert") if isinstance(node, dict) else "bert"
+    return _Fields(_MODEL_CONFIG.get(kind, bert.BertConfig))
+  if isinstance(tp, _Fields):
+    if key in tp.extra:
+      return str
+    hints = typing.get_type_hints(tp.cls)
+    names = [f.name for f in dataclasses.fields(tp.cls)]
+    if key not in names:
+      raise unknown_key(source, prefix, key, [*tp.extra, *names])
+    return _simple(hints.get(key, Any))
+  if dataclasses.is_dataclass(tp):
+    types_ = field_types(tp)
+    if key not in types_:
+      raise unknown_key(source, prefix, key, types_)
+    sub = types_[key]
+    sections = [a for a in typing.get_args(sub) if dataclasses.is_dataclass(a)]
+    return sections[0] if len(sections) == 1 else sub  # Optional[Section] -> Section
+  return Any
+
+
 def _schema_at(raw: dict, keys: Sequence[str], source: str, display: str):
   """The type of the value at ``keys`` in a raw config (for typed ``--set`` parsing)."""
   tp: Any = RunConfig
   node: Any = raw
   for i, k in enumerate(keys):
-    prefix = ".".join(keys[:i])
-    if tp is RunConfig and k == "data":
-      task = raw.get("task", "classification")
-      tp = _DATA.get(task, ClassificationData)
-    elif tp is RunConfig and k == "methods":
-      tp = "methods"
-    elif tp == "methods":
-      if not k.isdigit():
-        raise ConfigError(f"{source}: {display}: methods are indexed by position (methods.0.rank)")
-      items = node if isinstance(node, list) else []
-      if int(k) >= len(items):
-        raise ConfigError(f"{source}: {display}: the config has {len(items)} method(s)")
-      spec = registry.get(items[int(k)].get("name", ""))
-      tp = ("method", spec)
-    elif isinstance(tp, tuple) and tp[0] == "method":
-      fields = {f.name: f.type for f in dataclasses.fields(tp[1].config_cls)}
-      if k == "name":
-        tp = str
-      elif k not in fields:
-        raise unknown_key(source, prefix, k, ["name", *fields])
-      else:
-        tp = _method_field_type(fields[k])
-    elif tp is ModelConfig and k == "random":
-      kind = (node or {}).get("kind", "bert") if isinstance(node, dict) else "bert"
-      tp = ("model_random", _MODEL_CONFIG.get(kind, bert.BertConfig))
-    elif isinstance(tp, tuple) and tp[0] == "model_random":
-      fields = _model_config_fields(tp[1])
-      if k not in fields:
-        raise unknown_key(source, prefix, k, fields)
-      hint = typing.get_type_hints(tp[1]).get(k, Any)
-      tp = hint if hint in (int, float, bool, str) or typing.get_origin(hint) in (Union, Literal) else Any
-    elif dataclasses.is_dataclass(tp):
-      types_ = field_types(tp)
-      if k not in types_:
-        raise unknown_key(source, prefix, k, types_)
-      tp = types_[k]
-      if typing.get_origin(tp) in (Union,) and tp is not Any:
-        dc = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
-        if dc and i + 1 < len(keys):
-          tp = dc[0]
+    tp = _schema_step(tp, k, node, raw, source, ".".join(keys[:i]), display)
+    if isinstance(node, dict):
+      node = node.get(k)
+    elif isinstance(node, list) and k.isdigit() and int(k) < len(node):
+      node = node[int(k)]
     else:
-      return Any
-    node = node.get(k) if isinstance(node, dict) else (
-        node[int(k)] if isinstance(node, list) and k.isdigit() and int(k) < len(node) else None)
-  return tp if not isinstance(tp, tuple) and tp != "methods" else Any
-
-
-def _method_field_type(tp):
-  """A registry field type as one :func:`coerce_text` understands."""
-  if tp in (int, float, bool, str) or typing.get_origin(tp) is Literal:
-    return tp
-  if typing.get_origin(tp) is Union:
-    args = [a for a in typing.get_args(tp) if a in (int, float, bool, str, type(None))
-            or typing.get_origin(a) is Literal]
-    if len(args) == len(typing.get_args(tp)):
-      return tp
-  return Any
+      node = None
+  return Any if tp is _MethodList or isinstance(tp, _Fields) or dataclasses.is_dataclass(tp) else tp
 
 
 def apply_override(raw: dict, assignment: str, source: str) -> dict:

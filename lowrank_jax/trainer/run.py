@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import sys
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import numpy as np

@@ -148,7 +148,8 @@ def classification(config: RunConfig, keys: Keys) -> Problem:
     folder = m.path or bert.minilm_path()
     bcfg, params = bert.load_bert(folder, dtype)
     base = base_lib.folder_ref(folder)
-  bcfg = dataclasses.replace(bcfg, hidden_dropout_prob=m.dropout, attention_probs_dropout_prob=m.dropout)
+  if m.dropout is not None:
+    bcfg = dataclasses.replace(bcfg, hidden_dropout_prob=m.dropout, attention_probs_dropout_prob=m.dropout)
   tok_path = m.tokenizer or m.path
   tokenizer = tokenization.load_tokenizer(tok_path)
   if tokenizer.get_vocab_size() > bcfg.vocab_size:
@@ -238,6 +239,8 @@ def sft(config: RunConfig, keys: Keys) -> Problem:
   else:
     dcfg, params = hf_decoder.load_pretrained(m.path, dtype=dtype)
     base = base_lib.folder_ref(m.path)
+  if m.dropout is not None:
+    dcfg = dataclasses.replace(dcfg, attention_dropout=m.dropout)
   tokenizer = FolderTokenizer(m.tokenizer or m.path)
   load = lambda path: sft_data.load_sft(path, tokenizer, d.seq_len, packing=d.pack, loss_on=d.loss_on,
                                         too_long=d.too_long)
@@ -249,15 +252,12 @@ def sft(config: RunConfig, keys: Keys) -> Problem:
     if top >= dcfg.vocab_size:
       raise ValueError(f"{config.name}: token id {top} in data.{split} is outside the model's "
                        f"vocabulary of {dcfg.vocab_size}")
-  remat = m.remat
-
-  def logits_fn(theta, batch):
-    kw = {"remat": True} if remat else {}
+  def logits_fn(theta, batch, rng=None):
     return decoder.decoder_forward(theta, dcfg, batch["input_ids"], segment_ids=batch["segment_ids"],
-                                   positions=batch["positions"], **kw)
+                                   positions=batch["positions"], rng=rng, remat=m.remat)
 
   def loss_fn(theta, batch, rng):
-    total, count = sft_loss(logits_fn(theta, batch), batch)
+    total, count = sft_loss(logits_fn(theta, batch, rng), batch)
     loss = total / jnp.maximum(count, 1.0)
     return loss, {"loss": loss, "tokens": count}
 

@@ -3,8 +3,6 @@ trained state as an uninterrupted run; SIGTERM checkpoints and exits 0; killing 
 stops the training child. Every run is a real ``lowrank-jax-train`` subprocess."""
 
 import json
-import os
-import pathlib
 import random
 import signal
 import sys
@@ -109,3 +107,10 @@ def test_killing_the_parent_stops_the_training_child(tmp_path, subprocess_env, r
   assert (out / "resume" / "checkpoints" / f"step_{stopped:08d}").is_dir()
   assert not any(p.name.startswith(".") or "tmp" in p.name for p in (out / "resume").rglob("*")
                  if p.parent.name == "checkpoints")
+
+
+def test_a_failing_child_fails_the_command(tmp_path, subprocess_env):
+  path = write_config(tmp_path, tiny_config("toobig", training={"batch_size": 1000}))
+  rc, log = finish(start([path, "--out", tmp_path / "out", "--quiet"], subprocess_env))
+  assert rc == 1
+  assert "batch_size 1000 exceeds the 24 training rows" in log and "error: toobig: the training process" in log
