@@ -207,6 +207,25 @@ def test_errors(setup):
     reparam.unmerge(theta0, phi)
 
 
+def test_chain_with_prefix_tuning(setup):
+  """Adapters and prefix tuning fill different slots of the same layers: chained in either order
+  the BERT output equals the numpy BERT with both, and unmerge restores theta0's structure."""
+  theta0, ids, mask = setup
+  ad, pre = adapters.bottleneck_adapters("houlsby", bottleneck=2), lj.prefix_tuning(num_virtual_tokens=2)
+  for r in (lj.chain(ad, pre), lj.chain(pre, ad)):
+    phi = r.init(jax.random.PRNGKey(0), theta0)
+    phi = (_randomize(phi[0], jax.random.PRNGKey(1)),) + tuple(phi[1:])
+    theta = jax.jit(r.apply)(theta0, phi)
+    layer = theta["bert"]["encoder"]["layer_2"]
+    assert {"prefix", "attention_adapter", "output_adapter"} <= set(layer)
+    prefix = [(layer_["prefix"]["key"], layer_["prefix"]["value"])
+              for layer_ in (theta["bert"]["encoder"][f"layer_{i}"] for i in range(CFG.num_hidden_layers))]
+    ref = np_bert(theta["bert"], CFG, ids, mask, prefix=prefix)  # adapters read from the tree
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(_fwd(theta, ids, mask))[valid], ref[valid], rtol=1e-4, atol=1e-4)
+    assert jax.tree.structure(r.unmerge(theta, phi)) == jax.tree.structure(theta0)
+
+
 LCFG = llama.LlamaConfig.tiny(vocab_size=64, hidden_size=32, intermediate_size=48, num_heads=4,
                               num_kv_heads=2, num_layers=2)
 

@@ -223,6 +223,49 @@ def test_prefix_is_differentiable_and_wrong_shape_raises(tiny):
     fwd(params, TINY, ids, mask, prefix=[(pk, pk)])
 
 
+@pytest.mark.parametrize("layout", ["P,H,Dh", "P,D", "B,P,H,Dh"])
+def test_prefix_slots_equal_explicit_prefix(tiny, layout):
+  """Per-layer ``prefix`` slots (what lj.prefix_tuning fills) give the output of the same
+  prefixes passed as ``prefix=`` (checked against numpy above), positions offset by P."""
+  params, ids, mask = tiny
+  b, npre, h, dh = ids.shape[0], 2, TINY.num_attention_heads, TINY.head_dim
+  key = jax.random.PRNGKey(8)
+  raw = [[jax.random.normal(jax.random.fold_in(key, 2 * i + j), (npre, h, dh)) for j in (0, 1)]
+         for i in range(TINY.num_hidden_layers)]
+  shape = {"P,H,Dh": (npre, h, dh), "P,D": (npre, h * dh), "B,P,H,Dh": (b, npre, h, dh)}[layout]
+  slotted = {**params, "encoder": {
+      name: {**layer, "prefix": {"key": jnp.broadcast_to(raw[i][0], (b, npre, h, dh)).reshape(shape)
+                                 if layout == "B,P,H,Dh" else raw[i][0].reshape(shape),
+                                 "value": jnp.broadcast_to(raw[i][1], (b, npre, h, dh)).reshape(shape)
+                                 if layout == "B,P,H,Dh" else raw[i][1].reshape(shape)}}
+      for i, (name, layer) in enumerate(sorted(params["encoder"].items()))}}
+  explicit = [(k.reshape(npre, h * dh), v.reshape(npre, h * dh)) for k, v in raw]
+  np.testing.assert_allclose(np.asarray(fwd(slotted, TINY, ids, mask)),
+                             np.asarray(fwd(params, TINY, ids, mask, prefix=explicit)), rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match="prefix= given while params hold prefixes"):
+    fwd(slotted, TINY, ids, mask, prefix=explicit)
+  with pytest.raises(ValueError, match="prefixes twice"):
+    fwd({**slotted, "prefix": explicit}, TINY, ids, mask)
+
+
+def test_slots_describe_the_layout(tiny):
+  """bert.slots(config): each slot's anchor is found once per layer, with its layer index."""
+  params, _, _ = tiny
+  model = bert.slots(TINY, root="bert")
+  assert (model.num_layers, model.hidden_size, model.num_kv_heads, model.head_dim) == (
+      TINY.num_hidden_layers, TINY.hidden_size, TINY.num_attention_heads, TINY.head_dim)
+  tree = {"bert": params}
+  for slot, tail in [("attention_adapter", "attention/output/kernel"), ("output_adapter", "output/kernel"),
+                     ("prefix", "attention/key/kernel")]:
+    mask = lj.select(tree, model.where(slot))
+    picked = [p for p, m in zip(tree_lib.leaf_paths(tree), jax.tree.leaves(mask)) if m]
+    assert picked == [f"bert/encoder/layer_{i}/{tail}" for i in range(TINY.num_hidden_layers)]
+    assert [model.match(p, slot) for p in picked] == [
+        (f"bert/encoder/layer_{i}", i) for i in range(TINY.num_hidden_layers)]
+  assert model.match("other/encoder/layer_0/output/kernel", "output_adapter") is None
+  assert bert.slots().match("x/encoder/layer_3/output/kernel", "output_adapter") == ("x/encoder/layer_3", 3)
+
+
 def _adapter(key, d, m):
   k1, k2, k3, k4 = jax.random.split(key, 4)
   return {"down": {"kernel": jax.random.normal(k1, (d, m)), "bias": jax.random.normal(k2, (m,))},
