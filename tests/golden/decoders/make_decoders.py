@@ -24,8 +24,9 @@ padding, left padding and right padding, with ``position_ids = cumsum(mask) - 1`
   ``lora_B``) on q,k,v,o,gate,up,down (and the expert stacks of the MoE families through
   ``target_parameters``), with ``peft_<family>.npz`` logits;
 * ``tokenizer/`` (unless ``--no-tokenizer``): a tiny BPE tokenizer trained here, saved by
-  ``PreTrainedTokenizerFast`` with a chat template, and ``tokenizer.json`` (this folder's
-  ``tokenizer_cases.json``) with transformers' encodings and ``apply_chat_template`` outputs.
+  ``PreTrainedTokenizerFast`` with a chat template in ``tokenizer_config.json``, and
+  ``tokenizer_cases.json`` with transformers' encodings, decodings and ``apply_chat_template``
+  outputs (text and ids).
 """
 
 from __future__ import annotations
@@ -160,6 +161,74 @@ def make_bf16(cfg, seed: int) -> None:
   print("llama_bf16", sum(f.stat().st_size for f in (HERE / "llama_bf16").iterdir()) // 1024, "KB")
 
 
+CHAT_TEMPLATE = (
+  "{{ bos_token }}{% set ns = namespace(users=0) %}"
+  "{% for message in messages %}"
+  "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+  "{{ raise_exception('Unknown role: ' + message['role']) }}{% endif %}"
+  "{% if message['role'] == 'user' %}{% set ns.users = ns.users + 1 %}{% endif %}"
+  "<|im_start|>{{ message['role'] }}\n"
+  "{% if message.get('tool_calls') %}{{ message['tool_calls'] | tojson }}"
+  "{% else %}{{ message['content'] | trim }}{% endif %}<|im_end|>\n"
+  "{% endfor %}"
+  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+  "{% if ns.users > 1 %}{{ eos_token }}{% endif %}"
+)
+CORPUS = [
+  "The quick brown fox jumps over the lazy dog.", "Low-rank adapters fine-tune large models cheaply.",
+  "JAX transforms pure functions: grad, jit, vmap.", "Hello, world! How are you today?",
+  "Tokenizers split text into pieces; a chat template renders conversations.",
+  "naïve café déjà vu — ünïcödé text 123 4567",
+]
+TEXTS = ["Hello, world!", "The lazy fox fine-tunes JAX.", "  leading and trailing spaces  ",
+         "unseen wörds ✓ and <|im_start|> inside", ""]
+CONVERSATIONS = [
+  [{"role": "user", "content": "Hi there"}],
+  [{"role": "system", "content": "You are terse."}, {"role": "user", "content": " What is JAX? "},
+   {"role": "assistant", "content": "A library."}, {"role": "user", "content": "Thanks"}],
+  [{"role": "user", "content": "call it"},
+   {"role": "assistant", "content": None, "tool_calls": [{"name": "f", "arguments": {"x": 1, "y": "é"}}]}],
+]
+
+
+def make_tokenizer() -> None:
+  """A BPE tokenizer trained here, saved by PreTrainedTokenizerFast with the chat template
+  in tokenizer_config.json; transformers' encodings and chat renderings as the reference."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+  from transformers import AutoTokenizer, PreTrainedTokenizerFast
+  specials = ["<unk>", "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
+  tok = Tokenizer(models.BPE(unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.train_from_iterator(CORPUS * 4, trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
+                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                     special_tokens=[("<s>", tok.token_to_id("<s>"))])
+  fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                 pad_token="<pad>", chat_template=CHAT_TEMPLATE)
+  folder = HERE / "tokenizer"
+  if folder.exists():
+    shutil.rmtree(folder)
+  fast.save_pretrained(folder, save_jinja_files=False)
+  hf = AutoTokenizer.from_pretrained(folder)
+  cases = {"texts": [], "chats": []}
+  for text in TEXTS:
+    with_special = hf(text)["input_ids"]
+    cases["texts"].append({"text": text, "ids": with_special,
+                           "ids_no_special": hf(text, add_special_tokens=False)["input_ids"],
+                           "decoded": hf.decode(with_special),
+                           "decoded_skip": hf.decode(with_special, skip_special_tokens=True)})
+  for conv in CONVERSATIONS:
+    for gen in (False, True):
+      cases["chats"].append({"messages": conv, "add_generation_prompt": gen,
+                             "text": hf.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen),
+                             "ids": list(hf.apply_chat_template(conv, tokenize=True, return_dict=True,
+                                                                add_generation_prompt=gen)["input_ids"])})
+  cases["vocab_size"] = len(hf)
+  (HERE / "tokenizer_cases.json").write_text(json.dumps(cases, indent=1, ensure_ascii=False) + "\n")
+  print("tokenizer", len(hf), "tokens")
+
+
 def main() -> None:
   ap = argparse.ArgumentParser()
   ap.add_argument("--only", nargs="*")
@@ -174,6 +243,8 @@ def main() -> None:
     make_family(name, cfg, seed)
   if not args.only or "llama_bf16" in args.only:
     make_bf16(configs()["llama"], 100)
+  if not args.no_tokenizer and (not args.only or "tokenizer" in args.only):
+    make_tokenizer()
   (HERE / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
