@@ -35,11 +35,13 @@ from lowrank_jax.methods.adalora import (adalora, orthogonal_regularizer, rank_a
 from lowrank_jax.methods.said import intrinsic_said
 from lowrank_jax.methods.adapters import bottleneck_adapters
 from lowrank_jax.methods.prefix import prefix_reparam, prefix_tuning
+from lowrank_jax.methods.loftq import loftq
+from lowrank_jax.methods.qalora import qalora, qalora_merge
+from lowrank_jax.methods.l4q import l4q, l4q_merge
 
-# quantization
-from lowrank_jax.quant import (Blockwise8, Quant4, QuantizedWeight, affine_encode, dequantize, fp4_encode,
-                               icq_encode, l4q, l4q_merge, loftq, nf4_encode, qalora, qalora_merge,
-                               quantize)
+# quantization: codecs (one registry: lj.quant.get_codec) and quantized frozen weights
+from lowrank_jax.quant import (Blockwise8, Quant4, QuantizedWeight, affine_encode, dequantize,
+                               fp4_encode, get_codec, icq_encode, nf4_encode, quantize)
 
 # every method by name, with its typed config (lj.registry.build("lora", where=..., rank=8))
 from lowrank_jax.methods import registry

@@ -2,12 +2,18 @@
 
 A method's ``apply`` may return, instead of a dense array, a *lazy weight*: a
 registered pytree node (a low-rank update over a base, an NF4-coded weight, a
-Kronecker product...) that implements
+Kronecker product...). The protocol is :class:`LazyWeight`, an abstract base class:
 
+* ``shape``, ``dtype`` - those of the dense weight it stands for (abstract);
+* ``materialize()`` - the dense ``W`` (abstract; used by merge and by any model that
+  is not ours);
 * ``matmul(x)`` - ``x @ W`` for ``W`` in Flax layout ``[in, out]`` (contracting the
-  last axis of ``x``), computed in factored form;
-* ``materialize()`` - the dense ``W`` (used by merge and by any model that is not
-  ours).
+  last axis of ``x``). It is written once, here: it checks that ``W`` is a matrix and
+  that ``x``'s feature size matches (a clear error otherwise, whatever the subclass),
+  then calls ``matrix_matmul(x)``, which subclasses override with their factored
+  product (default: materialise, then multiply);
+* ``delta()`` - for additive weights (:class:`BaseLazyWeight`), ``W - base``; their
+  ``materialize()`` is then ``base + delta()``.
 
 Our models' dense layers multiply through :func:`dot`, which dispatches on the leaf
 type. Any other consumer can call :func:`materialize` on the tree, and lazy weights
@@ -23,6 +29,7 @@ once, as :func:`factored_matmul`.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from typing import Any, ClassVar, Optional
 
@@ -55,29 +62,45 @@ def pytree_dataclass(cls=None, *, static: tuple[str, ...] = ()):
   return wrap if cls is None else wrap(cls)
 
 
-class LazyWeight:
-  """Base class of lazy weights. Subclasses are pytree dataclasses.
+class LazyWeight(abc.ABC):
+  """Abstract base of lazy weights (subclasses are :func:`pytree_dataclass` es).
 
-  Subclasses implement ``shape``, ``dtype``, ``materialize()`` and ``matmul(x)``.
+  A subclass must define ``shape``, ``dtype`` and ``materialize()`` (it cannot be
+  instantiated otherwise) and may override ``matrix_matmul(x)`` with a product that
+  never forms ``W``. It must not override :meth:`matmul`, the checked entry point
+  that :func:`dot` calls.
   """
 
   @property
+  @abc.abstractmethod
   def shape(self) -> tuple[int, ...]:
-    raise NotImplementedError
+    """Shape of the dense weight."""
 
   @property
+  @abc.abstractmethod
   def dtype(self):
-    raise NotImplementedError
+    """dtype of the dense weight."""
+
+  @abc.abstractmethod
+  def materialize(self) -> jax.Array:
+    """The dense weight, ``shape`` and ``dtype`` as declared."""
 
   @property
   def ndim(self) -> int:
     return len(self.shape)
 
-  def materialize(self) -> jax.Array:
-    raise NotImplementedError
-
   def matmul(self, x: jax.Array) -> jax.Array:
-    """``x @ W`` with ``W`` of shape ``[in, out]``. Default: materialise."""
+    """``x @ W`` with ``W`` a matrix ``[in, out]``: the checks, then :meth:`matrix_matmul`.
+
+    Raises:
+      ValueError naming both shapes when ``W`` is not a matrix or ``x.shape[-1] != in``.
+    """
+    _check_matmul(x, self.shape)
+    return self.matrix_matmul(x)
+
+  def matrix_matmul(self, x: jax.Array) -> jax.Array:
+    """``x @ W`` for a matrix weight whose input size matches ``x`` (checked by
+    :meth:`matmul`). Default: materialise, then one dense matmul."""
     return _dense_matmul(x, self.materialize())
 
   def __jax_array__(self):
@@ -89,9 +112,16 @@ class LazyWeight:
 
 class BaseLazyWeight(LazyWeight):
   """A lazy weight built on a frozen ``base`` (array or lazy): its shape is the static
-  field ``shape_`` and its dtype the base's. Subclasses add their factors and implement
-  ``matmul(x)`` and either ``delta()`` (additive methods: ``materialize()`` is then
-  ``base + delta()``) or ``materialize()`` itself."""
+  field ``shape_`` and its dtype the base's. Subclasses add their factors, override
+  ``matrix_matmul(x)`` with their factored product, and define either ``delta()``
+  (additive methods: ``materialize()`` is then ``base + delta()``) or ``materialize()``
+  itself; a subclass defining neither is refused when the class is created."""
+
+  def __init_subclass__(cls, **kw):
+    super().__init_subclass__(**kw)
+    if cls.delta is BaseLazyWeight.delta and cls.materialize is BaseLazyWeight.materialize:
+      raise TypeError(f"{cls.__name__}: a BaseLazyWeight defines delta() (additive) or "
+                      f"materialize()")
 
   @property
   def shape(self) -> tuple[int, ...]:
@@ -128,11 +158,16 @@ def is_lazy(x) -> bool:
   return isinstance(x, LazyWeight)
 
 
+def _check_matmul(x: jax.Array, shape: tuple[int, ...]) -> None:
+  if len(shape) != 2:
+    raise ValueError(f"dot expects a matrix weight [in, out], got shape {tuple(shape)}")
+  if x.shape[-1] != shape[0]:
+    raise ValueError(f"dot: input feature size {x.shape[-1]} (input shape {tuple(x.shape)}) does "
+                     f"not match weight {tuple(shape)}")
+
+
 def _dense_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-  if w.ndim != 2:
-    raise ValueError(f"dot expects a matrix weight [in, out], got shape {w.shape}")
-  if x.shape[-1] != w.shape[0]:
-    raise ValueError(f"dot: input feature size {x.shape[-1]} does not match weight {w.shape}")
+  _check_matmul(x, w.shape)
   return jnp.matmul(x, w.astype(x.dtype) if w.dtype != x.dtype else w)
 
 

@@ -19,11 +19,13 @@ holes, in the style of ``equinox.partition``; ``combine`` puts them back togethe
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Iterable, Sequence, Union
+from typing import Any, Callable, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from lowrank_jax import lazy
 
 PyTree = Any
 Where = Union[str, Sequence[str], Callable[[str, Any], bool], PyTree, None]
@@ -38,6 +40,8 @@ __all__ = [
   "combine",
   "count_params",
   "count_bytes",
+  "array_bytes",
+  "dtype_bits",
   "map_selected",
   "Siblings",
   "with_subtree",
@@ -89,7 +93,6 @@ def path_str(path: Sequence[Any]) -> str:
 
 def is_lazy_or_array(x) -> bool:
   """Leaf predicate for our trees: lazy weights count as single leaves."""
-  from lowrank_jax import lazy  # local import: lazy imports tree
   return isinstance(x, lazy.LazyWeight)
 
 
@@ -199,9 +202,22 @@ def map_selected(fn: Callable[[str, Any], Any], tree: PyTree, mask: PyTree,
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def _leaf_nbytes(x) -> int:
-  return sum(int(np.prod(l.shape)) * np.dtype(l.dtype).itemsize
-             for l in jax.tree_util.tree_leaves(x) if hasattr(l, "dtype"))
+def dtype_bits(dtype) -> int:
+  """Storage bits of one element of ``dtype``: the itemsize in bits, except the sub-byte
+  types (``int4``/``uint4``, ``float4_e2m1fn``...: 4), which are stored two to a byte."""
+  dtype = jnp.dtype(dtype)
+  if jnp.issubdtype(dtype, jnp.integer):
+    return int(jnp.iinfo(dtype).bits)
+  if jnp.issubdtype(dtype, jnp.floating):
+    return int(jnp.finfo(dtype).bits)
+  return 8 * dtype.itemsize
+
+
+def array_bytes(x) -> int:
+  """Storage bytes of one array: ``ceil(size * dtype_bits / 8)`` (sub-byte codes packed,
+  as XLA lays them out on TPU/GPU and as a packed checkpoint stores them; XLA:CPU keeps
+  one byte per 4-bit element in memory)."""
+  return -(-int(np.prod(x.shape)) * dtype_bits(x.dtype) // 8)
 
 
 def count_params(tree: PyTree) -> int:
@@ -210,8 +226,9 @@ def count_params(tree: PyTree) -> int:
 
 
 def count_bytes(tree: PyTree) -> int:
-  """Bytes held by the array leaves of ``tree`` (packed codecs count their real buffers)."""
-  return _leaf_nbytes(tree)
+  """Bytes held by the array leaves of ``tree`` (:func:`array_bytes` each; a lazy weight or
+  a codec counts its real buffers: codes, scales, factors)."""
+  return sum(array_bytes(l) for l in jax.tree_util.tree_leaves(tree) if hasattr(l, "dtype"))
 
 
 # --------------------------------------------------------------------------- subtree insertion

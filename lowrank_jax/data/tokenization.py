@@ -11,6 +11,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from lowrank_jax.models.bert import minilm_path
+
 __all__ = ["load_tokenizer", "encode"]
 
 
@@ -21,7 +23,6 @@ def load_tokenizer(path: Optional[str | os.PathLike] = None):
   """
   from tokenizers import Tokenizer
   if path is None:
-    from lowrank_jax.models.bert import minilm_path
     path = minilm_path()
   path = os.fspath(path)
   if os.path.isdir(path):

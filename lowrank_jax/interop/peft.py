@@ -39,6 +39,7 @@ import numpy as np
 
 from lowrank_jax import lazy, tree as tree_lib
 from lowrank_jax.interop import hf
+from lowrank_jax.methods import adalora as adalora_lib, dora as dora_lib, lora as lora_lib
 from lowrank_jax.models import bert
 from lowrank_jax.reparam import Reparam
 
@@ -219,13 +220,12 @@ def _leaf_from_peft(kind, use_dora, module, path, params, shape, dtype) -> dict:
 
 def _reparam(kind: str, config: dict, mask: PyTree, ranks: set) -> Reparam:
   if kind == "ADALORA":
-    from lowrank_jax.methods.adalora import adalora
     init_r = int(config.get("init_r", 12))
     if config.get("rank_pattern") or ranks != {init_r}:
       raise NotImplementedError(
           f"AdaLoRA adapters resized by a rank_pattern (tensor ranks {sorted(ranks)}, init_r={init_r}) "
           f"are not supported; peft's scaling of resized modules depends on how they were loaded")
-    return adalora(mask, init_r=init_r, alpha=config.get("lora_alpha", 8))
+    return adalora_lib.adalora(mask, init_r=init_r, alpha=config.get("lora_alpha", 8))
   if len(ranks) != 1:
     raise NotImplementedError(f"adapter has several ranks {sorted(ranks)} without a rank_pattern")
   rank = ranks.pop()
@@ -234,10 +234,8 @@ def _reparam(kind: str, config: dict, mask: PyTree, ranks: set) -> Reparam:
   kw = dict(rank=rank, alpha=config.get("lora_alpha", 8), rslora=bool(config.get("use_rslora")),
             dropout=float(config.get("lora_dropout") or 0.0))
   if config.get("use_dora"):
-    from lowrank_jax.methods.dora import dora
-    return dora(mask, **kw)
-  from lowrank_jax.methods.lora import lora
-  return lora(mask, **kw)
+    return dora_lib.dora(mask, **kw)
+  return lora_lib.lora(mask, **kw)
 
 
 # --------------------------------------------------------------------------- writing

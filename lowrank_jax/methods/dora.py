@@ -93,10 +93,8 @@ class DoRAWeight(lazy.WrappingLazyWeight):
     v32 = v.astype(jnp.float32).reshape(-1, self.m.shape[0])
     return (v32 * self._col_scale()[None, :]).reshape(self.shape).astype(v.dtype)
 
-  def matmul(self, x: jax.Array) -> jax.Array:
+  def matrix_matmul(self, x: jax.Array) -> jax.Array:
     lw = self.lora
-    if len(self.shape) != 2:
-      return super().matmul(x)
     scale = self._col_scale()
     if lw.dropout_rate > 0.0 and lw.rng is not None:
       xd = ops.dropout(x, lw.dropout_rate, lw.rng)

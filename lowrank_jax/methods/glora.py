@@ -166,10 +166,10 @@ class GLoRAWeight(lazy.BaseLazyWeight):
       w = w + b
     return w.astype(w0.dtype)
 
-  def matmul(self, x: jax.Array) -> jax.Array:
+  def matrix_matmul(self, x: jax.Array) -> jax.Array:
     ka, kb = _kind(self.a, "a"), _kind(self.b, "b")
-    if len(self.shape_) != 2 or ka in ("lora", "mix") or kb == "mix":
-      return super().matmul(x)
+    if ka in ("lora", "mix") or kb == "mix":
+      return super().matrix_matmul(x)
     y = lazy.dot(x, self.base)
     a = _support(self.a, "a")
     if a is not None:

@@ -48,9 +48,7 @@ class IA3Weight(lazy.BaseLazyWeight):
       m = w0.reshape(-1, self.l.shape[0]) * self.l[None, :].astype(w0.dtype)
     return m.reshape(self.shape_)
 
-  def matmul(self, x: jax.Array) -> jax.Array:
-    if len(self.shape_) != 2:
-      return super().matmul(x)
+  def matrix_matmul(self, x: jax.Array) -> jax.Array:
     if self.on_input:
       return lazy.dot(x * self.l.astype(x.dtype), self.base)
     y = lazy.dot(x, self.base)

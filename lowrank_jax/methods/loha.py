@@ -60,9 +60,9 @@ class LoHaWeight(lazy.BaseLazyWeight):
     d_in, d_out = self.w1_b.shape[0], self.w1_a.shape[1]
     return self.w1_a.shape[0] * self.w2_a.shape[0] * (d_in + d_out) < d_in * d_out
 
-  def matmul(self, x: jax.Array) -> jax.Array:
+  def matrix_matmul(self, x: jax.Array) -> jax.Array:
     if not self.factored_is_cheaper():
-      return super().matmul(x)
+      return super().matrix_matmul(x)
     u, v = khatri_rao_factors(self.w1_b, self.w1_a, self.w2_b, self.w2_a)
     return lazy.dot(x, self.base) + lazy.factored_matmul(x, u, v, self.scale)
 

@@ -112,7 +112,7 @@ class KronWeight(lazy.BaseLazyWeight):
     t = t.reshape(*x.shape[:-1], -1)
     return (self.scale * t).astype(x.dtype)
 
-  def matmul(self, x: jax.Array) -> jax.Array:
+  def matrix_matmul(self, x: jax.Array) -> jax.Array:
     return lazy.dot(x, self.base) + self.kron_matmul(x)
 
 

@@ -51,9 +51,7 @@ class LoRAWeight(lazy.BaseLazyWeight):
   def delta(self) -> jax.Array:
     return (self.scale * (self.a @ self.b)).reshape(self.shape_)
 
-  def matmul(self, x: jax.Array) -> jax.Array:
-    if len(self.shape_) != 2:
-      return super().matmul(x)
+  def matrix_matmul(self, x: jax.Array) -> jax.Array:
     if self.matmul_mode == "merged" and not lazy.is_lazy(self.base) and (
         self.dropout_rate == 0.0 or self.rng is None):
       return lazy.merged_lowrank_matmul(x, self.base, self.a, self.b,
@@ -68,7 +66,7 @@ def lora_scale(rank: int, alpha: Optional[float], rslora: bool = False) -> float
   return alpha / math.sqrt(rank) if rslora else alpha / rank
 
 
-def _init_factors(key, w, view: MatrixView, rank: int, scale: float, init: str, dtype):
+def init_factors(key, w, view: MatrixView, rank: int, scale: float, init: str, dtype):
   """Returns ``(a, b, new_base_or_None)`` in the matrix view."""
   d_in, d_out = view.d_in, view.d_out
   if init == "kaiming":  # peft default: kaiming_uniform_(a=sqrt(5)) on [r, in] -> U(+-1/sqrt(in))
@@ -115,7 +113,7 @@ def lora_method(rank: int, alpha: Optional[float] = None, *, rslora: bool = Fals
                        f"for leaf '{path}' of shape {view.shape}")
 
   def init_leaf(key, path, w, view):
-    a, b, new_base = _init_factors(key, w, view, rank, scale, init, dtype)
+    a, b, new_base = init_factors(key, w, view, rank, scale, init, dtype)
     phi = {"a": a, "b": b}
     return (new_base, phi) if rewrites else phi
 
@@ -155,8 +153,8 @@ def lora(where: tree_lib.Where, rank: int = 8, alpha: Optional[float] = None, *,
     matmul: how our models multiply the lazy weight. ``"factored"`` (default):
       ``x W0 + s (x A) B``, nothing of size ``[in, out]`` formed. ``"merged"``:
       ``x (W0 + s A B)`` forward and input gradient with factored ``A``/``B`` gradients
-      (one GEMM instead of a GEMM and two skinny matmuls; MiniLM steps 8-9% faster on
-      XLA:CPU in paired ``bench.lora_step`` runs); it forms the ``[in, out]`` update transiently, so for
+      (one GEMM instead of a GEMM and two skinny matmuls; faster MiniLM steps on XLA:CPU,
+      ``bench.lora_step`` in bench/README.md); it forms the ``[in, out]`` update transiently, so for
       large weights and few rows ``"factored"`` is cheaper. Quantized bases and active
       dropout always use the factored form. Same values and gradients (tested).
 

@@ -39,14 +39,14 @@ Differences from ``optax.contrib.galore`` (both are optax wrappers):
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal, NamedTuple, Optional, Union
+from typing import Any, Literal, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from lowrank_jax import tree as tree_lib
+from lowrank_jax.optim.adam8bit import scale_by_adam_8bit
 from lowrank_jax.reparam import MatrixView
 
 PyTree = Any
@@ -388,7 +388,6 @@ def galore_adamw(learning_rate: optax.ScalarOrSchedule, rank: int = 128, *,
   if projector_dtype == "auto":
     projector_dtype = None if compat else jnp.bfloat16
   if moments == "8bit":
-    from lowrank_jax.optim.adam8bit import scale_by_adam_8bit
     inner = scale_by_adam_8bit(b1=b1, b2=b2, eps=1e-8 if eps is None else eps,
                                eps_placement="hf" if compat else "optax")
   elif moments == "fp32":

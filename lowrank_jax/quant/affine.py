@@ -25,13 +25,15 @@ import numpy as np
 
 from lowrank_jax import lazy
 from lowrank_jax.quant.blockwise import check_float_input
+from lowrank_jax.quant.sizes import StoredSizes
 
-__all__ = ["AffineQuant", "affine_encode", "quantization_error"]
+__all__ = ["AffineQuant", "affine_encode", "code_dtype", "quantization_error"]
 
 Granularity = Literal["tensor", "channel", "group"]
 
 
-def _code_dtype(bits: int, symmetric: bool):
+def code_dtype(bits: int, symmetric: bool):
+  """The dtype of ``bits``-bit codes: int8/int4 (symmetric, signed) or uint8/uint4."""
   if bits == 8:
     return jnp.int8 if symmetric else jnp.uint8
   if bits == 4:
@@ -48,7 +50,7 @@ def _as_matrix(shape):
 
 
 @lazy.pytree_dataclass(static=("shape", "dtype", "bits", "symmetric", "group_size"))
-class AffineQuant:
+class AffineQuant(StoredSizes):
   """Integer codes with per-tensor / per-channel / per-group scale and zero point.
 
   Attributes:
@@ -84,19 +86,15 @@ class AffineQuant:
       raise ValueError(f"affine: codes of shape {tuple(self.q.shape)} do not fit shape {self.shape}")
     return self.decode_float32().reshape(self.shape).astype(self.dtype if dtype is None else dtype)
 
-  @property
-  def size(self) -> int:
-    return int(np.prod(self.shape))
+  def error_bound(self) -> jax.Array:
+    """float32 bound on ``|decode() - x|`` per element, for ``x`` the encoded tensor:
+    ``S / 2`` of the element's group (rounding; the clip range covers ``[min, max]``
+    up to half a step)."""
+    rows, cols = self.q.shape
+    g = self.scale.shape[0]
+    half = jnp.broadcast_to((0.5 * self.scale).reshape(g, 1, -1), (g, rows // g, cols))
+    return half.reshape(self.shape)
 
-  @property
-  def nbytes(self) -> int:
-    """Packed code bytes (``bits / 8`` each) plus float32 scales and zero points."""
-    return (math.ceil(self.size * self.bits / 8) + 4 * int(np.prod(self.scale.shape))
-            + 4 * int(np.prod(self.zero.shape)))
-
-  @property
-  def bits_per_param(self) -> float:
-    return 8.0 * self.nbytes / self.size
 
 
 def affine_encode(x: jax.Array, bits: int = 8, symmetric: bool = True,
@@ -116,7 +114,7 @@ def affine_encode(x: jax.Array, bits: int = 8, symmetric: bool = True,
     An :class:`AffineQuant`.
   """
   dtype = check_float_input(x, f"int{bits}", name)
-  code_dtype = _code_dtype(bits, symmetric)
+  cdt = code_dtype(bits, symmetric)
   x = jnp.asarray(x)
   rows, cols = _as_matrix(x.shape)
   m = x.reshape(rows, cols).astype(jnp.float32)
@@ -155,7 +153,7 @@ def affine_encode(x: jax.Array, bits: int = 8, symmetric: bool = True,
     s_full = jnp.repeat(scale, gs, axis=0)
     z_full = jnp.repeat(zero, gs, axis=0)
   q = jnp.clip(jnp.round(m / s_full) + z_full, lo, hi)
-  return AffineQuant(q=q.astype(code_dtype), scale=scale.astype(jnp.float32),
+  return AffineQuant(q=q.astype(cdt), scale=scale.astype(jnp.float32),
                      zero=zero.astype(jnp.float32), shape=tuple(x.shape), dtype=dtype, bits=bits,
                      symmetric=symmetric, group_size=gs)
 

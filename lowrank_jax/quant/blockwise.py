@@ -28,6 +28,7 @@ import numpy as np
 
 from lowrank_jax import lazy
 from lowrank_jax.quant import codebooks
+from lowrank_jax.quant.sizes import StoredSizes
 
 __all__ = [
   "Blockwise8",
@@ -37,6 +38,9 @@ __all__ = [
   "check_float_input",
   "block_absmax",
   "code_index",
+  "normalize_blocks",
+  "num_blocks_of",
+  "to_blocks",
   "SUPPORTED_DTYPES",
 ]
 
@@ -66,14 +70,15 @@ def check_float_input(x, codec: str, name: Optional[str] = None):
   return dtype
 
 
-def _num_blocks(n: int, block_size: int) -> int:
+def num_blocks_of(n: int, block_size: int) -> int:
+  """Blocks of ``block_size`` needed for ``n`` elements (the last one may be partial)."""
   return -(-n // block_size)
 
 
-def _blocked(flat: jax.Array, block_size: int) -> jax.Array:
+def to_blocks(flat: jax.Array, block_size: int) -> jax.Array:
   """``[n] -> [num_blocks, block_size]``, zero-padding the last block."""
   n = flat.shape[0]
-  nb = _num_blocks(n, block_size)
+  nb = num_blocks_of(n, block_size)
   if nb * block_size != n:
     flat = jnp.pad(flat, (0, nb * block_size - n))
   return flat.reshape(nb, block_size)
@@ -81,7 +86,7 @@ def _blocked(flat: jax.Array, block_size: int) -> jax.Array:
 
 def block_absmax(flat: jax.Array, block_size: int) -> jax.Array:
   """float32 ``max |x|`` of each block of a flat array (the last block may be partial)."""
-  return jnp.max(jnp.abs(_blocked(flat.astype(jnp.float32), block_size)), axis=1)
+  return jnp.max(jnp.abs(to_blocks(flat.astype(jnp.float32), block_size)), axis=1)
 
 
 def normalize_blocks(flat: jax.Array, absmax: jax.Array, block_size: int,
@@ -93,7 +98,7 @@ def normalize_blocks(flat: jax.Array, absmax: jax.Array, block_size: int,
   (bitsandbytes' 4-bit quantizer). A zero block gives zeros.
   """
   n = flat.shape[0]
-  x = _blocked(flat.astype(jnp.float32), block_size)
+  x = to_blocks(flat.astype(jnp.float32), block_size)
   safe = jnp.maximum(absmax, jnp.float32(1e-38))
   if mode == "divide":
     z = x / safe[:, None]
@@ -123,13 +128,8 @@ def code_index(z: jax.Array, book: str, rounding: str = "nearest") -> jax.Array:
   return jnp.asarray(order)[pos].astype(jnp.uint8)
 
 
-def _nbytes(tree) -> int:
-  return sum(int(np.prod(l.shape)) * jnp.dtype(l.dtype).itemsize
-             for l in jax.tree_util.tree_leaves(tree) if hasattr(l, "dtype"))
-
-
 @lazy.pytree_dataclass(static=("shape", "dtype", "block_size", "rounding"))
-class Blockwise8:
+class Blockwise8(StoredSizes):
   """8-bit dynamic blockwise codes of a tensor: a pytree node.
 
   Attributes:
@@ -173,7 +173,7 @@ class Blockwise8:
     if tuple(self.codes.shape) != (n,):
       raise ValueError(f"Blockwise8: codes have shape {tuple(self.codes.shape)} but shape "
                        f"{self.shape} needs ({n},)")
-    nb = _num_blocks(n, self.block_size)
+    nb = num_blocks_of(n, self.block_size)
     if tuple(self.absmax.shape) != (nb,):
       raise ValueError(f"Blockwise8: absmax has shape {tuple(self.absmax.shape)} but shape "
                        f"{self.shape} with block {self.block_size} needs ({nb},)")
@@ -183,7 +183,7 @@ class Blockwise8:
     self.validate()
     n = self.codes.shape[0]
     vals = jnp.asarray(codebooks.DYNAMIC8_CODE)[self.codes.astype(jnp.int32)]
-    out = _blocked(vals, self.block_size) * self.absmax[:, None]
+    out = to_blocks(vals, self.block_size) * self.absmax[:, None]
     return out.reshape(-1)[:n]
 
   def decode(self, dtype=None) -> jax.Array:
@@ -191,18 +191,12 @@ class Blockwise8:
     dtype = self.dtype if dtype is None else jnp.dtype(dtype)
     return self.decode_float32().reshape(self.shape).astype(dtype)
 
-  @property
-  def size(self) -> int:
-    return int(np.prod(self.shape))
-
-  @property
-  def nbytes(self) -> int:
-    """Bytes of the real buffers (codes + absmax)."""
-    return _nbytes(self)
-
-  @property
-  def bits_per_param(self) -> float:
-    return 8.0 * self.nbytes / self.size
+  def error_bound(self) -> jax.Array:
+    """float32 bound on ``|decode() - x|`` per element, for ``x`` the encoded tensor:
+    ``max_rounding_error("dynamic8", rounding) * absmax`` of the element's block."""
+    e = codebooks.max_rounding_error("dynamic8", self.rounding)
+    per_block = jnp.float32(e) * self.absmax
+    return jnp.repeat(per_block, self.block_size)[: self.size].reshape(self.shape)
 
 
 def blockwise8_encode(x: jax.Array, block_size: int = 256, rounding: str = "bnb_cpu") -> Blockwise8:

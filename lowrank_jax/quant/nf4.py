@@ -7,7 +7,7 @@ quantization (DQ) stores the absmaxes themselves in 8 bits: with the tensor-wide
 mean ``μ = mean(m)``, the centred ``m - μ`` is encoded by the 8-bit dynamic
 blockwise codec (block 256, :mod:`blockwise`), so ``m_b ≈ c8[q8_b] * M_{b//256} + μ``.
 Bits per parameter: ``4 + 32/64 = 4.5`` plain, ``4 + 8/64 + 32/(64·256) ≈ 4.127`` with DQ.
-IR-QLoRA's information calibration (``icq=True``, :mod:`lowrank_jax.quant.icq`) adds a
+IR-QLoRA's information calibration (``icq=True``, :mod:`lowrank_jax.quant.calibration`) adds a
 per-block shift ``τ``, stored in 8 bits: ``+ 8/64 + 32/(64·256)``, 4.254 with DQ.
 
 The layout is bitsandbytes' (``quantize_4bit`` / ``dequantize_4bit``), bit for bit:
@@ -37,10 +37,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from lowrank_jax import lazy
-from lowrank_jax.quant import codebooks
+from lowrank_jax.quant import calibration, codebooks
 from lowrank_jax.quant.blockwise import (Blockwise8, block_absmax, check_block_size,
                                          check_float_input, code_index, normalize_blocks,
-                                         _blocked, _nbytes, _num_blocks)
+                                         num_blocks_of, to_blocks)
+from lowrank_jax.quant.sizes import StoredSizes
 
 __all__ = [
   "Quant4",
@@ -155,7 +156,7 @@ def _no_fma(p: jax.Array) -> jax.Array:
 
 
 @lazy.pytree_dataclass(static=("shape", "dtype", "block_size", "quant_type"))
-class Quant4:
+class Quant4(StoredSizes):
   """A tensor in 4-bit NF4/FP4 codes with (optionally double-quantized) block absmax.
 
   Attributes:
@@ -164,7 +165,7 @@ class Quant4:
       ``absmax - offset`` when double-quantized.
     offset: float32 scalar ``μ`` (double quantization) or ``None``.
     shift: optional per-block shift ``τ`` added after decoding (IR-QLoRA's
-      information calibration, :mod:`icq`; ``None`` for plain NF4): a float array
+      information calibration, :mod:`calibration`; ``None`` for plain NF4): a float array
       ``[num_blocks]`` or its 8-bit :class:`Blockwise8` codes.
     shape, dtype: the encoded tensor's shape and dtype (static).
     block_size: elements per block (power of two).
@@ -196,7 +197,7 @@ class Quant4:
       name: leaf path used in error messages.
       shift: optional per-block shift ``τ`` (float32 ``[num_blocks]``) subtracted before
         and added after decoding, stored as given.
-      icq: choose ``τ`` by IR-QLoRA's information calibration (:func:`icq.icq_search`:
+      icq: choose ``τ`` by IR-QLoRA's information calibration (:func:`calibration.icq_search`:
         maximise each block's code entropy); excludes ``shift``.
       icq_range, icq_steps: the ICQ grid ``λ in linspace(-r σ, r σ, 2 steps + 1)``.
       shift_storage: ICQ's ``τ`` storage: ``"int8"`` (8-bit dynamic blockwise codes, one
@@ -214,15 +215,14 @@ class Quant4:
     flat = x.reshape(-1).astype(jnp.float32)
     n = flat.shape[0]
     stored_shift = shift
-    if icq:  # IR-QLoRA's ICQ: entropy-maximising per-block shift (lowrank_jax.quant.icq)
+    if icq:  # IR-QLoRA's ICQ: entropy-maximising per-block shift (lowrank_jax.quant.calibration)
       if shift is not None:
         raise ValueError(f"{quant_type}: pass either shift= or icq=True, not both")
-      from lowrank_jax.quant import icq as icq_lib
-      stored_shift, shift = icq_lib.icq_shift(flat, block_size, quant_type, icq_range, icq_steps,
-                                              shift_storage, dq_block_size)
+      stored_shift, shift = calibration.icq_shift(flat, block_size, quant_type, icq_range,
+                                                  icq_steps, shift_storage, dq_block_size)
       shift = _no_fma(shift)  # τ̂ = c8[q] * M: keep jit and eager encodes bit-identical
     if shift is not None:
-      flat = (_blocked(flat, block_size) - shift[:, None]).reshape(-1)[:n]
+      flat = (to_blocks(flat, block_size) - shift[:, None]).reshape(-1)[:n]
     absmax = block_absmax(flat, block_size)
     z = normalize_blocks(flat, absmax, block_size, "reciprocal")
     if n % 2:  # bitsandbytes pads the *value* 0: the code of 0 (NF4: 7, FP4: 0)
@@ -239,12 +239,8 @@ class Quant4:
 
   # -- checks
   @property
-  def size(self) -> int:
-    return int(np.prod(self.shape))
-
-  @property
   def num_blocks(self) -> int:
-    return _num_blocks(self.size, self.block_size)
+    return num_blocks_of(self.size, self.block_size)
 
   @property
   def double_quant(self) -> bool:
@@ -300,7 +296,7 @@ class Quant4:
     self.validate()
     n = self.size
     vals = jnp.asarray(self.code)[unpack_nibbles(self.packed, n).astype(jnp.int32)]
-    out = _blocked(vals, self.block_size) * self.block_scales()[:, None]
+    out = to_blocks(vals, self.block_size) * self.block_scales()[:, None]
     if self.shift is not None:
       out = _no_fma(out) + _no_fma(self.block_shifts())[:, None]
     return out.reshape(-1)[:n].reshape(self.shape)
@@ -321,18 +317,28 @@ class Quant4:
       raise TypeError(f"{self.quant_type}: cannot decode to non-float dtype {dtype}")
     return self.decode_float32().astype(dtype)
 
-  # -- sizes
-  @property
-  def nbytes(self) -> int:
-    """Bytes of the real buffers (codes, absmax or its 8-bit codes + second-level scales,
-    offset, shift). The constant code tables (64 B for 4-bit, 1 KiB for DQ) are shared
-    and not counted."""
-    return _nbytes(self)
+  def error_bound(self) -> jax.Array:
+    """float32 bound on ``|decode() - x|`` per element, for ``x`` the encoded tensor.
 
-  @property
-  def bits_per_param(self) -> float:
-    """``8 * nbytes / n`` from the real buffers (NF4+DQ at block 64: 4.127)."""
-    return 8.0 * self.nbytes / self.size
+    A block with absmax ``m`` (of ``x - τ`` with ICQ) codes ``z = x / m`` to the nearest
+    entry ``c``, ``|z - c| <= e4`` (:func:`codebooks.max_rounding_error`), and decodes
+    ``c m̂``; with double quantization ``|m - m̂| <= d = e8 M`` (``M`` the block's
+    second-level absmax), so ``|x - c m̂| <= e4 (m̂ + d) + d``.
+    """
+    e4 = codebooks.max_rounding_error(self.quant_type)
+    m_hat = self.block_scales()
+    if self.double_quant:
+      e8 = codebooks.max_rounding_error("dynamic8", self.absmax.rounding)
+      d = jnp.float32(e8) * jnp.repeat(self.absmax.absmax, self.absmax.block_size)[: self.num_blocks]
+    else:
+      d = jnp.zeros_like(m_hat)
+    per_block = jnp.float32(e4) * (m_hat + d) + d
+    return jnp.repeat(per_block, self.block_size)[: self.size].reshape(self.shape)
+
+  # -- sizes: ``size``, ``nbytes`` and ``bits_per_param`` from the real buffers (codes, absmax
+  # or its 8-bit codes + second-level scales, offset, shift; NF4+DQ at block 64: 4.127 bits)
+  # are StoredSizes'. The constant code tables (64 B for 4-bit, 1 KiB for DQ) are shared and
+  # not counted.
 
   def partition_spec(self, axis: Any):
     """A pytree of ``PartitionSpec``: the large buffers split along ``axis``, the

@@ -26,18 +26,20 @@ the 4-bit codes, never the dense weight.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Optional, Union
+import math
+from typing import Any, Callable, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from lowrank_jax import lazy, tree as tree_lib
-from lowrank_jax.quant.blockwise import Blockwise8, check_float_input
+from lowrank_jax.quant import codecs
+from lowrank_jax.quant.blockwise import check_float_input
 
 __all__ = ["QuantizedWeight", "quantize", "dequantize", "quantized_bytes", "encode_leaf"]
 
-Codec = Union[str, Callable[[jax.Array, str], Any]]
+CodecArg = Union[str, Callable[[jax.Array, str], Any]]
 
 
 def _zero_cotangent(tree):
@@ -74,7 +76,8 @@ class QuantizedWeight(lazy.LazyWeight):
   """A frozen weight stored by a codec; decoded only inside :meth:`matmul`.
 
   Attributes:
-    q: the codec pytree (``shape``, ``dtype``, ``decode(dtype)``).
+    q: the codec (:class:`~lowrank_jax.quant.codecs.Codec`: ``shape``, ``dtype``,
+      ``decode(dtype)``, ``nbytes``...).
     compute_dtype: dtype of the decoded block and the matmul (default: the input's).
   """
   q: Any
@@ -99,38 +102,24 @@ class QuantizedWeight(lazy.LazyWeight):
   def materialize(self) -> jax.Array:
     return self.q.decode(self.dtype)
 
-  def matmul(self, x: jax.Array) -> jax.Array:
-    if len(self.shape) != 2:
-      raise ValueError(f"QuantizedWeight.matmul needs a matrix [in, out], got shape {self.shape}")
-    if x.shape[-1] != self.shape[0]:
-      raise ValueError(f"dot: input feature size {x.shape[-1]} does not match weight {self.shape}")
+  def matrix_matmul(self, x: jax.Array) -> jax.Array:
     cdt = jnp.dtype(self.compute_dtype if self.compute_dtype is not None else x.dtype)
     return _decode_matmul(x, self.q, cdt)
 
 
-def encode_leaf(x: jax.Array, path: str = "", codec: Codec = "nf4", block_size: int = 64,
+def encode_leaf(x: jax.Array, path: str = "", codec: CodecArg = "nf4", block_size: int = 64,
                 double_quant: bool = True, **kw) -> Any:
-  """Encodes one array with the named codec (``"nf4"``, ``"fp4"``, ``"int8"`` / ``"blockwise8"``,
-  ``"int4"``/``"int8_affine"`` for per-group affine codes) or a callable ``(x, path) -> codec``."""
+  """Encodes one array with a registered codec (:func:`lowrank_jax.quant.codecs.get_codec`:
+  ``"nf4"``, ``"fp4"``, ``"int8_blockwise_dynamic"``, ``"int8_affine"``, ``"int4_affine"``
+  or an alias) or a callable ``(x, path) -> codec``."""
   if callable(codec):
     check_float_input(x, "quantize", path)
     return codec(x, path)
-  if codec in ("nf4", "fp4"):
-    from lowrank_jax.quant.nf4 import Quant4
-    return Quant4.encode(x, block_size, double_quant, codec, name=path, **kw)
-  if codec in ("int8", "blockwise8"):
-    check_float_input(x, codec, path)
-    return Blockwise8.encode(x, block_size, **kw)
-  if codec in ("int4_affine", "int8_affine"):
-    from lowrank_jax.quant import affine
-    check_float_input(x, codec, path)
-    bits = 4 if codec.startswith("int4") else 8
-    return affine.affine_encode(x, bits=bits, group_size=block_size, **kw)
-  raise ValueError(f"unknown codec {codec!r}; expected nf4, fp4, int8, int4_affine, int8_affine "
-                   f"or a callable (x, path) -> codec")
+  return codecs.encode(x, codec, block_size=block_size, double_quant=double_quant,
+                       name=path or None, **kw)
 
 
-def quantize(theta0: Any, where: tree_lib.Where = None, codec: Codec = "nf4",
+def quantize(theta0: Any, where: tree_lib.Where = None, codec: CodecArg = "nf4",
              block_size: int = 64, double_quant: bool = True, compute_dtype=None,
              jit: bool = True, **codec_kw) -> Any:
   """Replaces the leaves ``where`` selects by :class:`QuantizedWeight` (done once, before training).
@@ -139,8 +128,9 @@ def quantize(theta0: Any, where: tree_lib.Where = None, codec: Codec = "nf4",
     theta0: the frozen parameters.
     where: regex / list / predicate / mask (see :func:`lowrank_jax.select`); ``None``
       selects every leaf with at least 2 dimensions.
-    codec: ``"nf4"`` (default), ``"fp4"``, ``"int8"`` (8-bit dynamic blockwise),
-      ``"int4_affine"``/``"int8_affine"``, or ``(x, path) -> codec``.
+    codec: a registered codec name (:data:`lowrank_jax.quant.codecs.CODECS`): ``"nf4"``
+      (default), ``"fp4"``, ``"int8_blockwise_dynamic"`` (alias ``"int8"``),
+      ``"int8_affine"``, ``"int4_affine"``; or ``(x, path) -> codec``.
     block_size: absmax block (4-bit: 64; 8-bit: 256 is usual; affine: group size).
     double_quant: 8-bit-quantize the 4-bit codec's block absmaxes.
     compute_dtype: dtype of the decoded weight inside the matmul (``None``: the input's).
@@ -150,8 +140,10 @@ def quantize(theta0: Any, where: tree_lib.Where = None, codec: Codec = "nf4",
     ``theta0`` with quantized leaves (a new tree; the input is not modified).
 
   Raises:
-    TypeError naming the leaf when a selected leaf is not float32/bfloat16/float16.
+    TypeError naming the leaf when a selected leaf is not float32/bfloat16/float16;
+    ValueError for an unknown codec name (with the closest registered names).
   """
+  spec = codecs.get_codec(codec) if isinstance(codec, str) else None
   if where is None:
     where = lambda p, x: getattr(x, "ndim", 0) >= 2 and not lazy.is_lazy(x)
   mask = tree_lib.select(theta0, where)
@@ -163,7 +155,7 @@ def quantize(theta0: Any, where: tree_lib.Where = None, codec: Codec = "nf4",
   def enc(path, x):
     if isinstance(x, QuantizedWeight):
       raise ValueError(f"quantize: leaf '{path}' is already quantized")
-    check_float_input(x, codec if isinstance(codec, str) else "quantize", path)
+    check_float_input(x, spec.name if spec is not None else "quantize", path)
     if encode_fn is not None:
       q = encode_fn(x)
     else:
@@ -186,8 +178,8 @@ def quantized_bytes(theta: Any) -> dict:
   for _, x in tree_lib.flatten_with_paths(theta):
     if isinstance(x, QuantizedWeight):
       qb += x.nbytes
-      n += int(np.prod(x.shape))
+      n += math.prod(x.shape)
     elif hasattr(x, "dtype"):
-      dense += int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize
+      dense += tree_lib.count_bytes(x)
   return {"quantized": qb, "dense": dense, "params": n,
           "bits_per_param": 8.0 * qb / n if n else float("nan")}

@@ -11,8 +11,8 @@ import optax
 import pytest
 
 import lowrank_jax as lj
+from lowrank_jax.methods.l4q import L4QWeight, code_range, fake_quantize, l4q, l4q_merge
 from lowrank_jax.quant import affine_encode
-from lowrank_jax.quant.l4q import L4QWeight, code_range, fake_quantize, l4q, l4q_merge
 from lowrank_jax.quant.qlora import QuantizedWeight
 
 D_IN, D_OUT, G, R = 64, 24, 16, 4

@@ -4,9 +4,10 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import lowrank_jax as lj
-from lowrank_jax.quant.loftq import loftq, loftq_decompose
+from lowrank_jax.methods.loftq import loftq, loftq_decompose
 from lowrank_jax.quant.nf4 import nf4_encode
 from lowrank_jax.quant.qlora import QuantizedWeight
 
@@ -39,3 +40,22 @@ def test_reparam_rewrites_base_and_matches_decomposition():
   x = jax.random.normal(jax.random.PRNGKey(1), (4, 128))
   chex.assert_trees_all_close(lj.dot(x, reparam.apply(base, phi)["dense"]["kernel"]), x @ w_init,
                               atol=1e-4)
+
+
+def test_old_module_paths_and_top_level_names():
+  """LoftQ, QA-LoRA and L4Q moved to lowrank_jax.methods; the old quant.* paths are aliases."""
+  from lowrank_jax.methods import l4q as l4q_mod, loftq as loftq_mod, qalora as qalora_mod
+  from lowrank_jax.quant import l4q as old_l4q, loftq as old_loftq, qalora as old_qalora
+  assert old_loftq.loftq is loftq_mod.loftq is lj.loftq
+  assert old_loftq.loftq_decompose is loftq_decompose
+  assert old_qalora.qalora is qalora_mod.qalora is lj.qalora
+  assert old_qalora.qalora_merge is lj.qalora_merge and old_qalora.QALoRAWeight is qalora_mod.QALoRAWeight
+  assert old_l4q.l4q is l4q_mod.l4q is lj.l4q and old_l4q.l4q_merge is lj.l4q_merge
+  assert old_l4q.fake_quantize is l4q_mod.fake_quantize
+  for mod in (old_loftq, old_qalora, old_l4q):
+    assert all(getattr(mod, n) is not None for n in mod.__all__)
+
+
+def test_unknown_codec_is_named_when_the_reparam_is_built():
+  with pytest.raises(ValueError, match="unknown codec 'nf5'; did you mean 'nf4'"):
+    loftq(r"kernel$", rank=4, codec="nf5")

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import lowrank_jax as lj
+from lowrank_jax.methods.qalora import QALoRAWeight, group_pool, qalora, qalora_merge
 from lowrank_jax.quant.affine import AffineQuant
-from lowrank_jax.quant.qalora import QALoRAWeight, group_pool, qalora, qalora_merge
 from lowrank_jax.quant.qlora import QuantizedWeight
 
 
