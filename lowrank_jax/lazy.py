@@ -67,8 +67,10 @@ class LazyWeight(abc.ABC):
 
   A subclass must define ``shape``, ``dtype`` and ``materialize()`` (it cannot be
   instantiated otherwise) and may override ``matrix_matmul(x)`` with a product that
-  never forms ``W``. It must not override :meth:`matmul`, the checked entry point
-  that :func:`dot` calls.
+  never forms ``W``. A matrix weight does not override :meth:`matmul`, the checked entry
+  point that :func:`dot` calls; only a weight that is not one matrix and defines its own
+  product does (a stack of expert matrices, :class:`lowrank_jax.methods.batched.BatchedWeight`:
+  ``x[e] @ W[e]``).
   """
 
   @property
