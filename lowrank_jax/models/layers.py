@@ -12,7 +12,7 @@ Shapes: activations are ``[..., features]``; attention takes ``q [B, T, H, D]`` 
 
 Formulation notes (XLA:CPU, measured on MiniLM): layer norm statistics are taken
 without ``keepdims`` and broadcast once, with ``rsqrt(var + eps) * scale`` grouped
-into one multiplier; this avoids large backward fusions (~10% on a LoRA step).
+into one multiplier; this avoids large backward fusions (bench/README.md).
 Attention lives in :mod:`lowrank_jax.models.attention` (re-exported here): the
 ``dpa`` forward for inference, an explicit closed-form backward for training.
 """
@@ -104,7 +104,7 @@ def gelu(x: jax.Array) -> jax.Array:
   """Exact GELU ``x * Phi(x) = x/2 (1 + erf(x / sqrt 2))`` (BERT's ``hidden_act="gelu"``).
 
   Written with ``erf`` as torch does: ``jax.nn.gelu(approximate=False)`` uses ``erfc``,
-  which XLA:CPU evaluates several times slower (``bench.lora_step`` figures in the README).
+  which XLA:CPU evaluates more slowly (bench/README.md).
   """
   return (x * (0.5 + 0.5 * jax.lax.erf(x * jnp.asarray(0.7071067811865476, x.dtype)))).astype(x.dtype)
 
