@@ -7,7 +7,7 @@ layer when ``sliding_window`` is set.
 
 from __future__ import annotations
 
-from lowrank_jax.models.families import (COMMON_KEYS, LLAMA_MODULES, Family, _bias_read, register,
+from lowrank_jax.models.families.base import (COMMON_KEYS, LLAMA_MODULES, Family, _bias_read, register,
                                          rope_from_hf, rope_to_hf)
 
 

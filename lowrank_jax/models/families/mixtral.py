@@ -7,7 +7,7 @@ modelled.
 
 from __future__ import annotations
 
-from lowrank_jax.models.families import COMMON_KEYS, LLAMA_MODULES, Family, register, rope_from_hf, rope_to_hf
+from lowrank_jax.models.families.base import COMMON_KEYS, LLAMA_MODULES, Family, register, rope_from_hf, rope_to_hf
 
 _BLOCK = "model.layers.{i}.block_sparse_moe"
 

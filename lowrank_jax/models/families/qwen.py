@@ -10,7 +10,7 @@ layers are sparse unless listed in ``mlp_only_layers`` or skipped by
 
 from __future__ import annotations
 
-from lowrank_jax.models.families import (COMMON_KEYS, LLAMA_MODULES, QK_NORM_MODULES, Family, _bias_read,
+from lowrank_jax.models.families.base import (COMMON_KEYS, LLAMA_MODULES, QK_NORM_MODULES, Family, _bias_read,
                                          layer_types_to_hf, register, rope_from_hf, rope_to_hf,
                                          sliding_layers_from_hf)
 
