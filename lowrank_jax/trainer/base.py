@@ -19,7 +19,11 @@ import numpy as np
 
 from lowrank_jax import tree as tree_lib
 
-__all__ = ["folder_hash", "tree_hash", "folder_ref", "tree_ref", "check_same_base"]
+__all__ = ["ResumeError", "folder_hash", "tree_hash", "folder_ref", "tree_ref", "check_same_base"]
+
+
+class ResumeError(ValueError):
+  """A checkpoint that the run cannot continue from (another config, another base)."""
 
 _CHUNK = 1 << 22
 
@@ -59,9 +63,9 @@ def tree_ref(description: str, tree: Any) -> dict:
 
 
 def check_same_base(saved: dict, current: dict, checkpoint: str) -> None:
-  """Raises ``ValueError`` naming the base when ``current`` is not the base ``saved`` names."""
+  """Raises :class:`ResumeError` naming the base when ``current`` is not the base ``saved`` names."""
   if saved.get("sha256") != current["sha256"]:
-    raise ValueError(
+    raise ResumeError(
         f"the frozen base changed since checkpoint {checkpoint}: it was trained on {saved.get('path')} "
         f"(sha256 {saved.get('sha256')}), the config now loads {current['path']} (sha256 "
         f"{current['sha256']}); restore that base or start the run afresh (without --resume)")

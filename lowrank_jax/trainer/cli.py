@@ -16,8 +16,9 @@ SIGTERM / SIGINT: the running config finishes its step, writes a checkpoint, and
 command exits 0 saying so. A child never outlives this process (it gets SIGTERM when the
 parent dies, even by SIGKILL).
 
-Exit status: 0 done (or interrupted), 1 a run failed, 2 a bad config or command line,
-3 a run diverged (its row says so; the other configs still ran).
+Exit status: 0 done (or interrupted), 1 a run failed, 2 a bad config or command line (or
+a ``--resume`` whose checkpoint was written with another config or base), 3 a run diverged
+(its row says so; the other configs still ran).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import sys
 from typing import Optional, Sequence
 
 from lowrank_jax.trainer import files, report
+from lowrank_jax.trainer.base import ResumeError, folder_hash
 from lowrank_jax.trainer.config import ConfigError, from_dict, load_all, read_json, to_dict
 from lowrank_jax.trainer.rundir import RunDir
 from lowrank_jax.trainer.run import check_resumable, run
@@ -63,9 +65,12 @@ def _reusable(config, out: pathlib.Path) -> Optional[dict]:
   if not path.exists():
     return None
   prev = json.loads(path.read_text())
-  if prev.get("config") == to_dict(config) and prev.get("status") in ("completed", "diverged"):
-    return prev
-  return None
+  if prev.get("config") != to_dict(config) or prev.get("status") not in ("completed", "diverged"):
+    return None
+  base = prev.get("base") or {}
+  if os.path.isdir(base.get("path", "")) and folder_hash(base["path"]) != base.get("sha256"):
+    return None  # the base folder changed since: not the same run (resuming it says why)
+  return prev
 
 
 def _run_child(config, out: pathlib.Path, resume: bool, quiet: bool, stop: StopFlag) -> tuple[str, Optional[dict]]:
@@ -103,7 +108,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       for c in configs:
         if _reusable(c, out) is None:
           check_resumable(c, RunDir(out / c.name))
-  except (ConfigError, ValueError) as e:
+  except (ConfigError, ResumeError) as e:
     print(f"error: {e}", file=sys.stderr)
     return EXIT_CONFIG
   print(f"{len(configs)} config(s) valid: {', '.join(c.name for c in configs)}", file=sys.stderr, flush=True)
@@ -117,12 +122,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         results.append(prev)
         continue
       if args.inline:
-        row = run(c, out, resume=args.resume, quiet=args.quiet, stop=stop)
+        try:
+          row = run(c, out, resume=args.resume, quiet=args.quiet, stop=stop)
+        except ResumeError as e:
+          print(f"error: {e}", file=sys.stderr)
+          return EXIT_CONFIG
         status = row["status"]
       else:
         try:
           status, row = _run_child(c, out, args.resume, args.quiet, stop)
-        except RuntimeError as e:  # the child printed its traceback
+        except RuntimeError as e:  # the child printed its traceback or error
           print(f"error: {e}", file=sys.stderr)
           return EXIT_FAILED
       if status == "interrupted" or stop.requested:
@@ -156,7 +165,11 @@ def _child(argv: Sequence[str]) -> int:
   die_with_parent(a.parent)
   config = from_dict(read_json(a.child), a.child)
   with StopFlag() as stop:
-    row = run(config, a.out, resume=a.resume, quiet=a.quiet, stop=stop)
+    try:
+      row = run(config, a.out, resume=a.resume, quiet=a.quiet, stop=stop)
+    except ResumeError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return EXIT_FAILED
   return _STATUS_EXIT[row["status"]]
 
 

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import pathlib
 import re
@@ -462,8 +461,9 @@ def validate(config: RunConfig, source: str = "<config>") -> None:
                  ("deploy.quantize", config.deploy.quantize if config.deploy else None)):
     if q is not None:
       _check_codec(q, source, key)
-  if config.training.max_steps is None and not math.isfinite(config.training.epochs):
-    raise _error(source, "training.epochs", "must be finite")
+  if config.mesh.mesh is not None or config.mesh.rules is not None:
+    raise _error(source, "mesh", "sharded training is not wired into the trainer yet (one device only); "
+                 "leave mesh and rules null")
 
 
 def quantize_kwargs(q: QuantizeConfig) -> dict:

@@ -86,17 +86,17 @@ def config_changes(saved: dict, current: dict) -> list[str]:
 
 
 def check_resumable(config: RunConfig, run_dir: RunDir) -> Optional[int]:
-  """The step a resumed run continues from (``None``: no checkpoint); raises ``ValueError``
-  listing the config changes since that checkpoint."""
+  """The step a resumed run continues from (``None``: no checkpoint); raises
+  :class:`~lowrank_jax.trainer.base.ResumeError` listing the config changes since that checkpoint."""
   step = run_dir.latest()
   if step is None:
     return None
   meta = run_dir.metadata(step)
   if meta.get("format") != CHECKPOINT_FORMAT:
-    raise ValueError(f"{run_dir.path(step)}: not a {CHECKPOINT_FORMAT} checkpoint")
+    raise base_lib.ResumeError(f"{run_dir.path(step)}: not a {CHECKPOINT_FORMAT} checkpoint")
   changes = config_changes(meta["config"], to_dict(config))
   if changes:
-    raise ValueError(f"{config.name}: the config differs from the one checkpoint {run_dir.path(step)} "
+    raise base_lib.ResumeError(f"{config.name}: the config differs from the one checkpoint {run_dir.path(step)} "
                      f"was written with: {'; '.join(changes)}. Resume with the same config, or run "
                      "without --resume to start afresh")
   return step
