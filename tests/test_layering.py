@@ -27,16 +27,8 @@ TOP = ("lowrank_jax", "experiments", "bench")
 # once fixed they pass again. Empty when everything is clean.
 KNOWN_UPWARD: dict[tuple[str, str], str] = {}
 # a known cycle: every module of the cycle is the package named or inside it
-KNOWN_CYCLES: dict[str, str] = {
-  "lowrank_jax.models.families":
-    "DECODER: models/families/__init__ imports its family modules at the bottom to register "
-    "them, and they import the shared tables from the __init__ (move the tables to a module "
-    "of their own, e.g. families/base.py)",
-}
-KNOWN_FUNCTION_IMPORTS: dict[tuple[str, str], str] = {
-  ("lowrank_jax.models.decoder", "lowrank_jax.models.slots"):
-    "DECODER: models/decoder.py imports models.slots inside slots() while SLOTS lands it",
-}
+KNOWN_CYCLES: dict[str, str] = {}
+KNOWN_FUNCTION_IMPORTS: dict[tuple[str, str], str] = {}
 
 
 class Edge(NamedTuple):
