@@ -38,6 +38,7 @@ from lowrank_jax.methods.prefix import prefix_reparam, prefix_tuning
 from lowrank_jax.methods.loftq import loftq
 from lowrank_jax.methods.qalora import qalora, qalora_merge
 from lowrank_jax.methods.l4q import l4q, l4q_merge
+from lowrank_jax.methods.batched import BatchedWeight, batched, batched_lora
 
 # quantization: codecs (one registry: lj.quant.get_codec) and quantized frozen weights
 from lowrank_jax.quant import (Blockwise8, Quant4, QuantizedWeight, affine_encode, dequantize,

@@ -38,6 +38,7 @@ import numpy as np
 from lowrank_jax import tree as tree_lib
 from lowrank_jax.methods.adalora import adalora
 from lowrank_jax.methods.adapters import bottleneck_adapters
+from lowrank_jax.methods.batched import batched_lora
 from lowrank_jax.methods.dora import dora
 from lowrank_jax.methods.full import full
 from lowrank_jax.methods.glora import glora
@@ -308,7 +309,8 @@ def _spec(name: str, factory: Callable[..., Reparam], *, title: str, paper: tupl
 
 
 _SPECS = [
-    _spec("lora", lora, title="LoRA, rsLoRA (Kaiming/Gaussian/PiSSA/OLoRA init, dropout, bias none/all/lora_only)",
+    _spec("lora", lora,
+          title="LoRA, rsLoRA (Kaiming/Gaussian/PiSSA/OLoRA init, dropout, bias none/all/lora_only)",
           paper=("2106.09685", "2312.03732", "2404.02948", "2406.01775"),
           reference="peft grads, peft run, dense SVD/QR",
           lazy_matmul='`x W0 + s(xA)B`, or `matmul="merged"`', test_file="tests/methods/test_lora.py"),
@@ -341,8 +343,9 @@ _SPECS = [
           title="Prefix tuning (+ MLP reparametrisation, peft PrefixEncoder layout)", paper=("2101.00190",),
           reference="explicit concatenated K/V attention", test_file="tests/methods/test_prefix.py",
           extras=("lj.prefix_tuning",)),
-    _spec("full", full, title="Full fine-tuning of selected leaves", reference="the selected leaves are `phi`",
-          test_file="tests/test_reparam.py"),
+    _spec("full", full, title="Full fine-tuning of selected leaves",
+          reference="the selected leaves are `phi`",
+          test_file="tests/methods/test_full.py"),
     _spec("loftq", loftq, title="LoftQ (LoRA on a quantized base, alternating init)", paper=("2310.08659",),
           reference="error decreases with T, beats plain quantization",
           lazy_matmul="`x Q + s(xA)B`, `Q` decoded in the matmul", test_file="tests/quant/test_loftq.py"),
@@ -354,6 +357,11 @@ _SPECS = [
           reference="float64 numpy STE/LSQ grads, affine init, deploy equality",
           lazy_matmul="- (merged, fake-quantized)", test_file="tests/quant/test_l4q.py",
           extras=("lj.l4q_merge",)),
+    _spec("batched_lora", batched_lora,
+          title="LoRA per expert of `[E, in, out]` stacks (MoE; peft `target_parameters`)",
+          paper=("2106.09685",), reference="dense per-expert formula, through the grouped expert matmul",
+          lazy_matmul="`ragged(x,W0) + s ragged(ragged(x,A),B)`", test_file="tests/methods/test_batched.py",
+          extras=("lj.batched",)),
 ]
 
 METHODS: Mapping[str, MethodSpec] = {s.name: s for s in _SPECS}

@@ -42,6 +42,7 @@ PARAMS = {
     "loftq": {"where": "query/kernel", "rank": 2, "num_iter": 2, "block_size": 16},
     "qalora": {"where": "query/kernel", "rank": 2, "alpha": 4, "group_size": 8},
     "l4q": {"where": "query/kernel", "rank": 2, "group_size": 8, "integer_zero": True},
+    "batched_lora": {"where": "(query|value)/kernel", "rank": 2, "init": "gaussian"},
 }
 NATIVE = {"lora": {"where": ["query/kernel", "value/kernel"], "alpha": 8.0, "dtype": jnp.float32},
           "glora": {"config": LayerConfig(*GLORA)}}
