@@ -1,8 +1,8 @@
 """What a finished run leaves for other tools: the adapter as a PEFT folder and, on request,
 the merged model as a Hugging Face folder.
 
-The PEFT folder goes through :func:`lowrank_jax.interop.peft.save_peft_adapter` (LoRA and
-DoRA chains of one method with ``bias="none"`` and a base that stays the pretrained one,
+The PEFT folder goes through :func:`lowrank_jax.interop.peft.save_peft_adapter` (LoRA, DoRA
+and per-expert LoRA chains of one method with ``bias="none"`` and a base that stays the pretrained one,
 i.e. not PiSSA/OLoRA-initialised); other chains are skipped with a note saying why. The
 merged folder is written by the task's ``save_merged`` into a temporary folder beside the
 target and renamed into place.
@@ -35,8 +35,8 @@ def peft_exportable(config: RunConfig) -> Optional[str]:
   if len(names) != 1:
     return f"PEFT export needs exactly one method, the chain has {list(names) or 'none'}"
   m = config.methods[0]
-  if m.method_name not in ("lora", "dora"):
-    return f"PEFT export of {m.method_name!r} is not supported (LoRA and DoRA are)"
+  if m.method_name not in ("lora", "dora", "batched_lora"):
+    return f"PEFT export of {m.method_name!r} is not supported (LoRA, DoRA and batched LoRA are)"
   if getattr(m, "bias", "none") != "none":
     return f"PEFT export of LoRA with bias={m.bias!r} is not supported"
   if getattr(m, "init", "kaiming") in ("pissa", "olora"):

@@ -290,20 +290,8 @@ def sft(config: RunConfig, keys: Keys) -> Problem:
       train_rows=rows["train"].arrays, loss_fn=loss_fn, evaluate=evaluate,
       epoch_split=split, final_split=split,
       tokens=lambda b: int((b["segment_ids"] > 0).sum()), info=info,
-      path_to_module=getattr(peft, "decoder_path_to_module", _decoder_path_to_module),
+      path_to_module=peft.decoder_path_to_module(dcfg),
       save_merged=save_merged)
-
-
-def _decoder_path_to_module(path: str) -> str:
-  """``layers/layer_{i}/attention/q_proj/kernel`` -> ``model.layers.{i}.self_attn.q_proj``
-  (the Hugging Face Llama-family module names)."""
-  parts = path.split("/")
-  if len(parts) != 5 or parts[0] != "layers" or not parts[1].startswith("layer_") or parts[-1] != "kernel":
-    raise KeyError(f"no peft module name for {path!r} (not a decoder layer's linear weight)")
-  block = {"attention": "self_attn", "mlp": "mlp"}.get(parts[2])
-  if block is None:
-    raise KeyError(f"no peft module name for {path!r}")
-  return f"model.layers.{parts[1][len('layer_'):]}.{block}.{parts[3]}"
 
 
 TASKS: dict[str, Callable[[RunConfig, Keys], Problem]] = {"classification": classification, "sft": sft}
