@@ -2,7 +2,9 @@
 two-config run (table, plot, strict JSON, metrics lines, checkpoints, PEFT adapter), a
 diverged run, validation of every config before any training, the console script."""
 
+import contextlib
 import importlib
+import io
 import importlib.metadata
 import json
 import math
@@ -23,22 +25,27 @@ def _files(folder):
 
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
-  """A head-only run and a LoRA run, inline, plus what the command printed."""
+  """One command, three configs, inline: a head-only run, a LoRA run at lr 1e30 (it
+  diverges) and a LoRA run; ``(exit status, output folder, stderr)``."""
   tmp = tmp_path_factory.mktemp("cli")
   frozen = write_config(tmp / "cfg", tiny_config("frozen", methods=[], model={"dropout": 0.0}))
+  blowup = write_config(tmp / "cfg", tiny_config("blowup", optimizer={"lr": 1e30, "clip": None}))
   lora = write_config(tmp / "cfg", tiny_config("lora"))
   out = tmp / "out"
-  rc = cli.main([str(frozen), str(lora), "--out", str(out), "--inline", "--quiet",
-                 "--set", "training.epochs=1"])
-  return rc, out
+  err = io.StringIO()
+  with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+    rc = cli.main([str(frozen), str(blowup), str(lora), "--out", str(out), "--inline", "--quiet",
+                   "--set", "training.epochs=1"])
+  return rc, out, err.getvalue()
 
 
-def test_two_config_run_writes_results_table_plot_and_run_folders(two_runs, capsys):
-  rc, out = two_runs
-  assert rc == 0
+def test_multi_config_run_writes_results_table_plot_and_run_folders(two_runs):
+  rc, out, _ = two_runs
+  assert rc == cli.EXIT_DIVERGED  # blowup (below); the configs after it still ran
   results = json.loads((out / "results.json").read_text())
-  assert [r["name"] for r in results] == ["frozen", "lora"]
-  frozen, lora = results
+  assert [r["name"] for r in results] == ["frozen", "blowup", "lora"]
+  frozen, _, lora = results
+  results = [frozen, lora]
   assert frozen["trainable_params"] == 16 * 3 + 3  # the head: D x classes + bias
   # LoRA r=2 on query and value of one layer (16 x 16): 2 x (16*2 + 2*16)
   assert lora["trainable_params"] == frozen["trainable_params"] + 2 * (16 * 2 + 2 * 16)
@@ -62,7 +69,7 @@ def test_two_config_run_writes_results_table_plot_and_run_folders(two_runs, caps
 
 
 def test_lora_run_exports_a_peft_adapter_of_the_trained_factors(two_runs):
-  _, out = two_runs
+  _, out, _ = two_runs
   lora = json.loads((out / "lora.json").read_text())
   assert lora["exports"]["peft"] == str(out / "lora" / "adapter")
   config = json.loads((out / "lora" / "adapter" / peft.CONFIG_NAME).read_text())
@@ -77,7 +84,7 @@ def test_lora_run_exports_a_peft_adapter_of_the_trained_factors(two_runs):
 
 
 def test_outputs_are_atomic_0644_and_leave_no_temporaries(two_runs):
-  _, out = two_runs
+  _, out, _ = two_runs
   files = _files(out)
   assert files
   hidden = [p for p in out.rglob("*") if p.name.startswith(".") or ".tmp" in p.name]
@@ -87,25 +94,18 @@ def test_outputs_are_atomic_0644_and_leave_no_temporaries(two_runs):
       (str(p), oct(stat.S_IMODE(p.stat().st_mode))) for p in written]
 
 
-def test_diverged_run_exits_nonzero_with_strict_json_and_a_marked_row(tmp_path, capsys):
-  path = write_config(tmp_path, tiny_config("blowup", optimizer={"lr": 1e30, "clip": None}))
-  ok = write_config(tmp_path, tiny_config("ok", methods=[], training={"max_steps": 2}))
-  out = tmp_path / "out"
-  rc = cli.main([str(path), str(ok), "--out", str(out), "--inline", "--quiet"])
-  assert rc == cli.EXIT_DIVERGED
+def test_diverged_run_exits_nonzero_with_strict_json_and_a_marked_row(two_runs):
+  rc, out, err = two_runs
+  assert rc == cli.EXIT_DIVERGED and "diverged: blowup" in err
   text = (out / "results.json").read_text()
   assert "NaN" not in text and "Infinity" not in text
-  blowup, ok_row = json.loads(text)
-  assert blowup["status"] == "diverged" and ok_row["status"] == "completed"  # the next config still ran
-  assert blowup["diverged"]["step"] < 12 and "test_accuracy" not in blowup
-  assert "state_sha256" not in blowup
-  assert not (out / "blowup" / "checkpoints").exists() or all(
-      int(p.name[5:]) < blowup["diverged"]["step"] for p in (out / "blowup" / "checkpoints").iterdir())
+  blowup = json.loads(text)[1]
+  assert blowup["status"] == "diverged" and blowup == json.loads((out / "blowup.json").read_text())
+  assert blowup["diverged"]["step"] < 6 and "test_accuracy" not in blowup and "state_sha256" not in blowup
+  assert all(int(p.name[5:]) < blowup["diverged"]["step"] for p in (out / "blowup" / "checkpoints").iterdir())
   line = json.loads((out / "blowup" / "metrics.jsonl").read_text().splitlines()[-1])
   assert line["kind"] == "diverged" and line["step"] == blowup["diverged"]["step"]
-  assert "| blowup | 179 | 2.075 | diverged |" in (out / "results.md").read_text()
-  assert "diverged: blowup" in capsys.readouterr().err
-  assert (out / "accuracy_vs_params.png").stat().st_size > 1000
+  assert "| blowup | 179 | 2.075 | diverged | - | " in (out / "results.md").read_text()
 
 
 def test_every_config_is_validated_before_any_training(tmp_path, capsys):
@@ -131,3 +131,19 @@ def test_console_script_is_the_cli():
   assert getattr(importlib.import_module(module), name) is cli.main
   installed = [e for e in importlib.metadata.entry_points(group="console_scripts") if e.name == "lowrank-jax-train"]
   assert all(e.value == scripts["lowrank-jax-train"] for e in installed)  # an install made from this pyproject
+
+
+def test_a_failing_training_process_fails_the_command(tmp_path, monkeypatch, capsys):
+  class Crashed:
+    """A child that died of an exception (its traceback went to the terminal)."""
+    def __init__(self, cmd, **kw):
+      assert cmd[1:4] == ["-m", "lowrank_jax.trainer.cli", "--child"] and kw["start_new_session"]
+    def wait(self):
+      return 1
+    def poll(self):
+      return 1
+  monkeypatch.setattr(cli.subprocess, "Popen", Crashed)
+  path = write_config(tmp_path, tiny_config("crash"))
+  assert cli.main([str(path), "--out", str(tmp_path / "out")]) == cli.EXIT_FAILED
+  assert "error: crash: the training process exited with status 1" in capsys.readouterr().err
+  assert not (tmp_path / "out" / "results.json").exists()
