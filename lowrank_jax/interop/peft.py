@@ -19,6 +19,20 @@ of :mod:`lowrank_jax.models.bert` (``encoder.layer.0.attention.self.query`` ->
 need no special case here: peft stores the same ``A``/``B`` shapes and our kernels are
 ``[in, out]`` either way.
 
+Decoder families (:mod:`lowrank_jax.models.decoder`) map with
+:func:`decoder_module_to_path` / :func:`decoder_path_to_module`, derived from the family's
+table in :mod:`lowrank_jax.models.families`. Mixture-of-experts stacks are adapted by peft
+through ``target_parameters`` (``ParamWrapper``): per layer the fused ``mlp.experts.gate_up_proj``
+``[E, 2F, D]`` and ``mlp.experts.down_proj`` ``[E, D, F]``, one rank-``r`` pair per expert
+stored as ``lora_A.weight`` ``[E r, in]`` (expert-major) and ``lora_B.weight`` ``[out, r E]``
+(expert-minor); when both are adapted, the first target wraps the experts module and the
+second wraps the first, so their tensors are named ``mlp.experts.base_layer.lora_*`` and
+``mlp.experts.lora_*``. Our ``phi`` at ``mlp/experts/{gate,up,down}_proj/kernel`` is
+``{"a": [E, in, r], "b": [E, r, out]}`` (:func:`lowrank_jax.methods.batched.batched_lora`);
+the fused ``gate_up`` pair becomes a gate and an up leaf sharing ``a``, and is written back
+fused (rank ``r`` when they share ``a``, else rank ``r_gate + r_up`` with a block-diagonal
+``B``, recorded in ``rank_pattern``/``alpha_pattern`` at an unchanged scale).
+
 Tensors are read and written with ``safetensors.numpy`` (never torch). Exports are
 atomic: the folder is written under a temporary name next to the target and renamed
 into place.
@@ -39,8 +53,8 @@ import numpy as np
 
 from lowrank_jax import lazy, tree as tree_lib
 from lowrank_jax.interop import hf
-from lowrank_jax.methods import adalora as adalora_lib, dora as dora_lib, lora as lora_lib
-from lowrank_jax.models import bert
+from lowrank_jax.methods import adalora as adalora_lib, batched as batched_lib, dora as dora_lib, lora as lora_lib
+from lowrank_jax.models import bert, families
 from lowrank_jax.reparam import Reparam
 
 __all__ = [
@@ -49,6 +63,8 @@ __all__ = [
   "PeftAdapter",
   "bert_module_to_path",
   "bert_path_to_module",
+  "decoder_module_to_path",
+  "decoder_path_to_module",
   "read_peft_folder",
   "load_peft_adapter",
   "save_peft_adapter",
@@ -94,6 +110,60 @@ def bert_path_to_module(path: str) -> str:
     raise KeyError(f"no path -> module mapping for {path!r} (not a BERT linear kernel); "
                    "pass your own module_to_path / path_to_module")
   return bert.hf_name(path)[: -len(".weight")]
+
+
+_EXPERT_WRAPPER = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts(?:\.base_layer)*$")
+_EXPERT_NODE = re.compile(r"^layers/layer_(\d+)/mlp/experts$")
+_EXPERT_PARAMS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+
+
+def _decoder_linears(config) -> list[tuple[re.Pattern, str, re.Pattern, str]]:
+  """``(hf regex, our module template, our regex, hf template)`` of the family's linears."""
+  out = []
+  for ours, theirs in families.get(config.family).modules.items():
+    if "{e}" in theirs or ours.endswith(("norm", "embed_tokens", "router")):
+      continue
+    out.append((re.compile("^" + re.escape(theirs).replace(r"\{i\}", r"(\d+)") + "$"), ours,
+                re.compile("^" + re.escape(ours).replace(r"\{i\}", r"(\d+)") + "/kernel$"), theirs))
+  return out
+
+
+def decoder_module_to_path(config) -> Callable[[str], str]:
+  """peft module name -> our path for a decoder family (``config`` a ``DecoderConfig``).
+
+  ``model.layers.{i}.self_attn.q_proj`` -> ``layers/layer_{i}/attention/q_proj/kernel``
+  (every linear of the family's table, ``lm_head`` included); an expert ``ParamWrapper``
+  (``model.layers.{i}.mlp.experts[.base_layer]``) -> the node ``layers/layer_{i}/mlp/experts``.
+  """
+  table = _decoder_linears(config)
+
+  def module_to_path(module: str) -> str:
+    m = _EXPERT_WRAPPER.match(module)
+    if m:
+      return f"layers/layer_{m.group(1)}/mlp/experts"
+    for rx, ours, _, _ in table:
+      m = rx.match(module)
+      if m:
+        return ours.replace("{i}", m.group(1) if rx.groups else "") + "/kernel"
+    raise KeyError(f"no module -> path mapping for {module!r} in the {config.family} family "
+                   f"(its adaptable linears: {sorted({t for _, _, _, t in table})})")
+  return module_to_path
+
+
+def decoder_path_to_module(config) -> Callable[[str], str]:
+  """Inverse of :func:`decoder_module_to_path` (expert stacks: the ``mlp.experts`` module)."""
+  table = _decoder_linears(config)
+
+  def path_to_module(path: str) -> str:
+    m = _EXPERT_NODE.match(path)
+    if m:
+      return f"model.layers.{m.group(1)}.mlp.experts"
+    for _, _, rx, theirs in table:
+      m = rx.match(path)
+      if m:
+        return theirs.replace("{i}", m.group(1) if rx.groups else "")
+    raise KeyError(f"no path -> module mapping for {path!r} in the {config.family} family")
+  return path_to_module
 
 
 # --------------------------------------------------------------------------- reading
@@ -148,9 +218,17 @@ def _check_supported(config: dict) -> str:
                               f"lora_bias={config.get('lora_bias')}) are not supported")
   if config.get("modules_to_save"):
     raise NotImplementedError(f"modules_to_save={config['modules_to_save']} is not supported")
-  for key in ("rank_pattern", "alpha_pattern"):
-    if kind == "LORA" and config.get(key):
-      raise NotImplementedError(f"per-module {key} {config[key]} is not supported yet")
+  if kind == "LORA" and (config.get("rank_pattern") or config.get("alpha_pattern")):
+    # patterns that keep the scale (peft's own for fused expert stacks: r -> 2r, alpha -> 2 alpha)
+    # give one reparam; the rank only sizes new factors, apply uses the tensors' own
+    r, alpha = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
+    root = (lambda x: x ** 0.5) if config.get("use_rslora") else (lambda x: x)
+    rp, ap = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    for key in set(rp) | set(ap):
+      rk, ak = int(rp.get(key, r)), float(ap.get(key, alpha))
+      if abs(ak / root(rk) - alpha / root(r)) > 1e-9 * abs(alpha / root(r)):
+        raise NotImplementedError(f"rank_pattern/alpha_pattern entry {key!r} (r={rk}, alpha={ak}) changes "
+                                  f"the LoRA scale from {alpha / root(r)}; per-module scales are not supported")
   return kind
 
 
@@ -177,8 +255,19 @@ def load_peft_adapter(folder: str | os.PathLike, theta0: PyTree, *,
   index = {p: i for i, (p, _) in enumerate(items)}
   leaves: list[Optional[dict]] = [None] * len(items)
   ranks = set()
+  stacked = False
   for module, params in modules.items():
     path = module_to_path(module)
+    if path not in index and any(p.startswith(path + "/") for p in index):  # an expert ParamWrapper
+      if kind != "LORA" or use_dora:
+        raise NotImplementedError(f"module {module!r}: only plain LoRA is supported on expert stacks")
+      for leaf_path, leaf in _expert_leaves_from_peft(module, path, params, index, items, dtype).items():
+        if leaves[index[leaf_path]] is not None:
+          raise ValueError(f"module {module!r}: '{leaf_path}' is adapted twice")
+        leaves[index[leaf_path]] = leaf
+        ranks.add(int(leaf["a"].shape[-1]))
+      stacked = True
+      continue
     if path not in index:
       raise KeyError(f"adapter module {module!r} maps to path {path!r}, which is not in the base "
                      f"tree; paths near it: {[p for p in index if p.rsplit('/', 1)[0] == path.rsplit('/', 1)[0]]}")
@@ -191,7 +280,37 @@ def load_peft_adapter(folder: str | os.PathLike, theta0: PyTree, *,
   treedef = jax.tree_util.tree_structure(theta0, is_leaf=lazy.is_lazy)
   phi = jax.tree_util.tree_unflatten(treedef, leaves)
   mask = jax.tree_util.tree_unflatten(treedef, [l is not None for l in leaves])
-  return PeftAdapter(reparam=_reparam(kind, config, mask, ranks), phi=phi, config=config)
+  r = int(config.get("r", 0))
+  leaf_ranks = {path: int(l["a"].shape[-1]) for (path, _), l in zip(items, leaves)
+                if l is not None and "e" not in l and int(l["a"].shape[-1]) != r}
+  return PeftAdapter(reparam=_reparam(kind, config, mask, ranks, stacked, leaf_ranks), phi=phi, config=config)
+
+
+def _expert_leaves_from_peft(module, node, params, index, items, dtype) -> dict[str, dict]:
+  """The phi leaves of one expert ``ParamWrapper``: fused ``gate_up_proj`` (``in = D``,
+  ``out = 2F``) or ``down_proj`` (``in = F``, ``out = D``), told apart by shape."""
+  if set(params) != {"lora_A", "lora_B"}:
+    raise ValueError(f"module {module!r}: tensors {sorted(params)}, expected lora_A and lora_B")
+  A, B = params["lora_A"], params["lora_B"]
+  shape = {name: tuple(items[index[f"{node}/{name}/kernel"]][1].shape)
+           for name in ("gate_proj", "up_proj", "down_proj") if f"{node}/{name}/kernel" in index}
+  if set(shape) != {"gate_proj", "up_proj", "down_proj"}:
+    raise ValueError(f"module {module!r} -> '{node}': expected gate_proj, up_proj and down_proj stacks there")
+  e, d, f = shape["gate_proj"]
+  fused = A.shape[1] == d and B.shape[0] == 2 * f
+  down = A.shape[1] == f and B.shape[0] == d
+  rE = A.shape[0]
+  if fused == down or A.ndim != 2 or B.ndim != 2 or rE % e or B.shape[1] != rE:
+    raise ValueError(f"module {module!r} -> '{node}': lora_A {A.shape} [r E, in] and lora_B {B.shape} "
+                     f"[out, r E] fit neither gate_up_proj ({d} -> {2 * f}) nor down_proj ({f} -> {d}) "
+                     f"of {e} experts")
+  r = rE // e
+  a = jnp.asarray(A.reshape(e, r, A.shape[1]).transpose(0, 2, 1), dtype)      # [E, in, r]
+  b = jnp.asarray(B.reshape(B.shape[0], r, e).transpose(2, 1, 0), dtype)      # [E, r, out]
+  if down:
+    return {f"{node}/down_proj/kernel": {"a": a, "b": b}}
+  return {f"{node}/gate_proj/kernel": {"a": a, "b": b[..., :f]},
+          f"{node}/up_proj/kernel": {"a": a, "b": b[..., f:]}}
 
 
 def _leaf_from_peft(kind, use_dora, module, path, params, shape, dtype) -> dict:
@@ -218,7 +337,8 @@ def _leaf_from_peft(kind, use_dora, module, path, params, shape, dtype) -> dict:
   return leaf
 
 
-def _reparam(kind: str, config: dict, mask: PyTree, ranks: set) -> Reparam:
+def _reparam(kind: str, config: dict, mask: PyTree, ranks: set, stacked: bool = False,
+             leaf_ranks: Optional[dict[str, int]] = None) -> Reparam:
   if kind == "ADALORA":
     init_r = int(config.get("init_r", 12))
     if config.get("rank_pattern") or ranks != {init_r}:
@@ -226,13 +346,20 @@ def _reparam(kind: str, config: dict, mask: PyTree, ranks: set) -> Reparam:
           f"AdaLoRA adapters resized by a rank_pattern (tensor ranks {sorted(ranks)}, init_r={init_r}) "
           f"are not supported; peft's scaling of resized modules depends on how they were loaded")
     return adalora_lib.adalora(mask, init_r=init_r, alpha=config.get("lora_alpha", 8))
-  if len(ranks) != 1:
+  patterns = bool(config.get("rank_pattern") or config.get("alpha_pattern"))
+  if len(ranks) != 1 and not patterns:
     raise NotImplementedError(f"adapter has several ranks {sorted(ranks)} without a rank_pattern")
-  rank = ranks.pop()
-  if rank != int(config.get("r", rank)):
+  rank = int(config["r"]) if patterns else ranks.pop()
+  if not patterns and rank != int(config.get("r", rank)):
     raise ValueError(f"adapter tensors have rank {rank} but adapter_config.json says r={config.get('r')}")
   kw = dict(rank=rank, alpha=config.get("lora_alpha", 8), rslora=bool(config.get("use_rslora")),
             dropout=float(config.get("lora_dropout") or 0.0))
+  if stacked or (patterns and leaf_ranks):
+    if kw.pop("dropout") or config.get("use_dora"):
+      raise NotImplementedError("lora_dropout or DoRA with expert stacks or a rank_pattern")
+    # the tensors' own ranks (rank_pattern, fused expert stacks) at the config's scale
+    pattern = {"^" + re.escape(p) + "$": r for p, r in (leaf_ranks or {}).items()}
+    return batched_lib.batched_lora(mask, **kw, rank_pattern=pattern)
   if config.get("use_dora"):
     return dora_lib.dora(mask, **kw)
   return lora_lib.lora(mask, **kw)
@@ -286,7 +413,12 @@ def save_peft_adapter(folder: str | os.PathLike, phi: PyTree, config: Optional[d
   tensors: dict[str, np.ndarray] = {}
   modules = []
   dora = adalora = False
+  experts: dict[str, dict[str, dict]] = {}
   for path, leaf in _adapter_items(phi):
+    if np.ndim(leaf["a"]) == 3:  # an expert stack: written fused, per layer, below
+      node, _, rest = path.rpartition("/mlp/experts/")
+      experts.setdefault(node + "/mlp/experts", {})[rest.split("/")[0]] = leaf
+      continue
     module = path_to_module(path)
     modules.append(module)
     base = PREFIX + module
@@ -302,20 +434,32 @@ def save_peft_adapter(folder: str | os.PathLike, phi: PyTree, config: Optional[d
     if "m" in leaf:
       dora = True
       tensors[base + ".lora_magnitude_vector"] = np.ascontiguousarray(np.asarray(leaf["m"]))
+  rank_pattern: dict[str, int] = {}
+  for node, stack in experts.items():
+    names = _expert_tensors(path_to_module(node), stack, tensors)
+    rank_pattern.update(names)
   if not tensors:
     raise ValueError("save_peft_adapter: phi holds no adapter leaf ({'a', 'b'} dicts)")
   if config is None:
     if adalora:
       raise ValueError("save_peft_adapter: pass the AdaLoRA config dict (init_r, target_r, ...)")
-    ranks = {int(np.shape(l["a"])[1]) for _, l in _adapter_items(phi)}
+    ranks = {int(np.shape(l["a"])[-1]) for _, l in _adapter_items(phi)}
     if rank is None:
       if len(ranks) != 1:
         raise ValueError(f"phi has several ranks {sorted(ranks)}; pass rank= and a config with rank_pattern")
       rank = ranks.pop()
+    alpha = rank if alpha is None else alpha
+    extra = {}
+    if experts:
+      extra["target_parameters"] = [p for p in _EXPERT_PARAMS if p in rank_pattern]
+      pattern = {f".*\\.{p.rpartition('.')[2]}": r for p, r in rank_pattern.items() if r != rank}
+      if pattern and use_rslora:
+        raise NotImplementedError("rsLoRA expert stacks whose fused rank differs from r")
+      extra.update(rank_pattern=pattern, alpha_pattern={k: alpha * r / rank for k, r in pattern.items()})
     # full module names: peft matches a target by equality or by "." + suffix, so short
     # names such as "dense" would also adapt modules phi does not touch
-    config = lora_config(rank, rank if alpha is None else alpha, modules, use_rslora=use_rslora,
-                         use_dora=dora, base_model_name_or_path=base_model_name_or_path)
+    config = lora_config(rank, alpha, modules, use_rslora=use_rslora,
+                         use_dora=dora, base_model_name_or_path=base_model_name_or_path, **extra)
   parent = os.path.dirname(folder)
   os.makedirs(parent, exist_ok=True)
   if os.path.exists(folder) and not overwrite:
@@ -337,6 +481,35 @@ def save_peft_adapter(folder: str | os.PathLike, phi: PyTree, config: Optional[d
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+
+
+def _expert_tensors(module: str, stack: dict[str, dict], tensors: dict) -> dict[str, int]:
+  """Adds one layer's expert stacks to ``tensors`` in peft's ``ParamWrapper`` layout;
+  returns ``{"mlp.experts.gate_up_proj" / "mlp.experts.down_proj": rank}`` written."""
+  if set(stack) - {"gate_proj", "up_proj", "down_proj"} or (("gate_proj" in stack) != ("up_proj" in stack)):
+    raise ValueError(f"{module}: expert stacks {sorted(stack)}; gate_proj and up_proj are fused in peft "
+                     f"(adapt both or neither), down_proj alone is fine")
+  pairs = []
+  if "gate_proj" in stack:
+    g, u = ({k: np.asarray(v) for k, v in stack[n].items()} for n in ("gate_proj", "up_proj"))
+    if g["a"].shape == u["a"].shape and np.array_equal(g["a"], u["a"]):  # shared A: rank r
+      a, b = g["a"], np.concatenate([g["b"], u["b"]], axis=-1)
+    else:                                                                # block-diagonal B: rank r_g + r_u
+      a = np.concatenate([g["a"], u["a"]], axis=-1)
+      e, rg, f = g["b"].shape
+      b = np.zeros((e, rg + u["b"].shape[1], 2 * f), g["b"].dtype)
+      b[:, :rg, :f], b[:, rg:, f:] = g["b"], u["b"]
+    pairs.append((_EXPERT_PARAMS[0], a, b))
+  if "down_proj" in stack:
+    pairs.append((_EXPERT_PARAMS[1], np.asarray(stack["down_proj"]["a"]), np.asarray(stack["down_proj"]["b"])))
+  written = {}
+  for j, (param, a, b) in enumerate(pairs):
+    name = PREFIX + module + (".base_layer" if j == 0 and len(pairs) == 2 else "")
+    e, d_in, r = a.shape
+    tensors[name + ".lora_A.weight"] = np.ascontiguousarray(a.transpose(0, 2, 1).reshape(e * r, d_in))
+    tensors[name + ".lora_B.weight"] = np.ascontiguousarray(b.transpose(2, 1, 0).reshape(b.shape[2], r * e))
+    written[param] = r
+  return written
 
 
 def _adapter_items(phi: PyTree) -> list[tuple[str, dict]]:

@@ -19,13 +19,14 @@ sorted by expert (the decoder's grouped expert matmul) and keeps LoRA-form weigh
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal, Optional
+import re
+from typing import Any, Callable, Literal, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
 
 from lowrank_jax import lazy, tree as tree_lib
-from lowrank_jax.methods.lora import lora_method
+from lowrank_jax.methods.lora import lora_method, lora_scale
 from lowrank_jax.reparam import LeafMethod, MatrixView, Reparam, adapt
 
 __all__ = ["BatchedWeight", "batched", "batched_lora"]
@@ -72,6 +73,7 @@ class BatchedWeight(lazy.LazyWeight):
 class _Batched(LeafMethod):
   """A :class:`LeafMethod` whose 3-d leaves are stacks of ``[in, out]`` matrices."""
   inner: Optional[LeafMethod] = None
+  for_path: Optional[Callable[[str], LeafMethod]] = None
 
   def view(self, path: str, w) -> MatrixView:
     shape = tuple(w.shape)
@@ -84,26 +86,33 @@ def _matrix_view(view: MatrixView) -> MatrixView:
   return MatrixView(view.shape[1:], 1)
 
 
-def batched(method: LeafMethod) -> LeafMethod:
+def batched(method: LeafMethod, for_path: Optional[Callable[[str], LeafMethod]] = None) -> LeafMethod:
   """``method`` on 2-d leaves as before and, independently per matrix, on 3-d leaves
   ``[E, in, out]`` (see the module docstring). Methods with shared parameters, insertions
-  or base rewrites are not supported."""
+  or base rewrites are not supported.
+
+  ``for_path(path)``, if given, picks the method that validates and initialises each leaf
+  (e.g. LoRA of another rank at the same scale); ``method`` applies and unmerges them all.
+  """
   if method.uses_shared or method.insert is not None or method.rewrites_base:
     raise NotImplementedError(f"batched({method.name}): only plain per-leaf methods can be batched")
+  pick = for_path or (lambda path: method)
 
   def stacked(view):
     return len(view.shape) == 3
 
   def validate(path, view):
-    if method.validate is not None:
-      method.validate(path, _matrix_view(view) if stacked(view) else view)
+    m = pick(path)
+    if m.validate is not None:
+      m.validate(path, _matrix_view(view) if stacked(view) else view)
 
   def init_leaf(key, path, w, view):
+    m = pick(path)
     if not stacked(view):
-      return method.init_leaf(key, path, w, view)
+      return m.init_leaf(key, path, w, view)
     mv = _matrix_view(view)
     keys = jax.random.split(key, view.shape[0])
-    return jax.vmap(lambda k, wi: method.init_leaf(k, path, wi, mv))(keys, lazy.materialize(w))
+    return jax.vmap(lambda k, wi: m.init_leaf(k, path, wi, mv))(keys, lazy.materialize(w))
 
   def apply_leaf(w, phi, view, rng):
     if not stacked(view):
@@ -129,12 +138,12 @@ def batched(method: LeafMethod) -> LeafMethod:
 
   return _Batched(name=f"{method.name} (per matrix)", init_leaf=init_leaf, apply_leaf=apply_leaf,
                   unmerge_leaf=unmerge, needs_matrix=True, validate=validate, in_ndim=method.in_ndim,
-                  inner=method)
+                  inner=method, for_path=for_path)
 
 
 def batched_lora(where: tree_lib.Where, rank: int = 8, alpha: Optional[float] = None, *,
                  rslora: bool = False, init: Literal["kaiming", "gaussian", "zeros"] = "kaiming",
-                 dtype=jnp.float32) -> Reparam:
+                 dtype=jnp.float32, rank_pattern: Optional[Mapping[str, int]] = None) -> Reparam:
   """LoRA with one rank-``r`` pair per matrix of 3-d ``[E, in, out]`` leaves (mixture-of-
   experts stacks), and ordinary LoRA on 2-d leaves: ``W_e = W0_e + s A_e B_e``,
   ``s = alpha / r`` (or ``alpha / sqrt(r)`` with ``rslora``).
@@ -143,9 +152,24 @@ def batched_lora(where: tree_lib.Where, rank: int = 8, alpha: Optional[float] = 
     where: the leaves to adapt (e.g. ``r"(q_proj|v_proj|experts/.*)/kernel"``).
     rank, alpha, rslora, init, dtype: as :func:`lowrank_jax.lora` (no dropout: the
       factored grouped matmul has none, as peft's expert LoRA).
+    rank_pattern: ``{regex: rank}``; a leaf whose path the regex matches (``re.search``,
+      first match wins) gets that rank at the *same* scale ``s`` (peft's fused expert
+      stacks: twice the rank and twice ``alpha``).
 
   Returns:
     A :class:`~lowrank_jax.reparam.Reparam`; ``phi`` at a stack is ``{"a": [E, in, r],
     "b": [E, r, out]}``.
   """
-  return adapt(batched(lora_method(rank, alpha, rslora=rslora, init=init, dtype=dtype)), where)
+  base = lora_method(rank, alpha, rslora=rslora, init=init, dtype=dtype)
+  if not rank_pattern:
+    return adapt(batched(base), where)
+  scale = lora_scale(rank, alpha, rslora)
+  root = (lambda r: r ** 0.5) if rslora else (lambda r: r)
+  methods = {r: lora_method(r, scale * root(r), rslora=rslora, init=init, dtype=dtype)
+             for r in set(rank_pattern.values())}
+  patterns = [(re.compile(rx), r) for rx, r in rank_pattern.items()]
+
+  def for_path(path: str) -> LeafMethod:
+    return next((methods[r] for rx, r in patterns if rx.search(path)), base)
+
+  return adapt(batched(base, for_path), where)

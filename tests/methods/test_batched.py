@@ -66,3 +66,17 @@ def test_rank_checked_per_matrix():
   params = decoder.init_decoder(jax.random.key(0), C)
   with pytest.raises(ValueError, match="rank 20 exceeds min\\(d_in, d_out\\) = 16"):
     batched_lora(r"experts/down_proj/kernel", rank=20).init(jax.random.key(0), params)
+
+
+def test_rank_pattern_keeps_the_scale():
+  """rank_pattern gives matching leaves another rank at the same scale s = alpha / r."""
+  params = decoder.init_decoder(jax.random.key(0), C)
+  r = batched_lora(r"(q_proj|experts/gate_proj)/kernel", rank=2, alpha=6.0, rank_pattern={r"experts/": 4})
+  phi = r.init(jax.random.key(1), params)
+  assert phi["layers"]["layer_0"]["mlp"]["experts"]["gate_proj"]["kernel"]["a"].shape == (4, 32, 4)
+  assert phi["layers"]["layer_0"]["attention"]["q_proj"]["kernel"]["a"].shape == (32, 2)
+  phi = jax.tree.map(lambda x: x + 0.05, phi)
+  leaf = phi["layers"]["layer_1"]["mlp"]["experts"]["gate_proj"]["kernel"]
+  w = lj.materialize(r.apply(params, phi)["layers"]["layer_1"]["mlp"]["experts"]["gate_proj"]["kernel"])
+  w0 = params["layers"]["layer_1"]["mlp"]["experts"]["gate_proj"]["kernel"]
+  np.testing.assert_allclose(w - w0, 3.0 * np.einsum("eir,ero->eio", leaf["a"], leaf["b"]), atol=1e-5)

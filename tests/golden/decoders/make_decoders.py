@@ -161,6 +161,29 @@ def make_bf16(cfg, seed: int) -> None:
   print("llama_bf16", sum(f.stat().st_size for f in (HERE / "llama_bf16").iterdir()) // 1024, "KB")
 
 
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def make_peft(name: str, seed: int) -> None:
+  """A peft LoRA (r=4, alpha=8, A and B random: init_lora_weights=False) on the family's
+  saved folder; expert stacks through target_parameters (peft fuses gate/up at rank 2r)."""
+  import peft
+  model = AutoModelForCausalLM.from_pretrained(HERE / name, attn_implementation="eager").eval()
+  kw = {}
+  if name in ("qwen3_moe", "mixtral"):
+    kw["target_parameters"] = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+  torch.manual_seed(1000 + seed)
+  cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False, **kw)
+  pm = peft.get_peft_model(model, cfg).eval()
+  folder = HERE / f"peft_{name}"
+  if folder.exists():
+    shutil.rmtree(folder)
+  pm.save_pretrained(folder)
+  ids, mask = batch(seed)
+  np.savez(HERE / f"peft_{name}.npz", input_ids=ids, attention_mask=mask, logits=hf_logits(pm, ids, mask))
+  print(f"peft_{name}", sum(f.stat().st_size for f in folder.iterdir()) // 1024, "KB")
+
+
 CHAT_TEMPLATE = (
   "{{ bos_token }}{% set ns = namespace(users=0) %}"
   "{% for message in messages %}"
@@ -243,6 +266,9 @@ def main() -> None:
     make_family(name, cfg, seed)
   if not args.only or "llama_bf16" in args.only:
     make_bf16(configs()["llama"], 100)
+  for seed, name in enumerate(cfgs):
+    if not args.no_peft and (not args.only or f"peft_{name}" in args.only):
+      make_peft(name, seed)
   if not args.no_tokenizer and (not args.only or "tokenizer" in args.only):
     make_tokenizer()
   (HERE / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
