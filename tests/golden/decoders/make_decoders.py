@@ -179,6 +179,11 @@ def make_peft(name: str, seed: int) -> None:
   if folder.exists():
     shutil.rmtree(folder)
   pm.save_pretrained(folder)
+  (folder / "README.md").unlink(missing_ok=True)
+  cfg_path = folder / "adapter_config.json"
+  cfg_json = json.loads(cfg_path.read_text())
+  cfg_json["base_model_name_or_path"] = name  # not this machine's absolute path
+  cfg_path.write_text(json.dumps(cfg_json, indent=2, sort_keys=True) + "\n")
   ids, mask = batch(seed)
   np.savez(HERE / f"peft_{name}.npz", input_ids=ids, attention_mask=mask, logits=hf_logits(pm, ids, mask))
   print(f"peft_{name}", sum(f.stat().st_size for f in folder.iterdir()) // 1024, "KB")
