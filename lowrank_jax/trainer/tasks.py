@@ -97,6 +97,16 @@ def _padded_batches(split: Mapping[str, np.ndarray], batch_size: int):
     yield {k: np.concatenate([v, np.repeat(v[-1:], batch_size - m, 0)]) for k, v in b.items()}, m
 
 
+def _base(m, keys: "Keys", init: Callable, load: Callable, folder: Optional[str]):
+  """``(model config, params, {"path", "sha256"})`` of ``model``: randomly initialised from
+  ``model.random`` with ``keys.model``, or loaded from ``folder``."""
+  if m.random is not None:
+    params = init(keys.model, m.random, jnp.dtype(m.dtype))
+    return m.random, params, base_lib.tree_ref(f"random {type(m.random).__name__}({m.random})", params)
+  model_config, params = load(folder)
+  return model_config, params, base_lib.folder_ref(folder)
+
+
 # ------------------------------------------------------------------------ classification
 
 
@@ -140,14 +150,8 @@ def classification(config: RunConfig, keys: Keys) -> Problem:
   """The docstring task on BERT (see the module docstring)."""
   m, d = config.model, config.data
   dtype = jnp.dtype(m.dtype)
-  if m.random is not None:
-    bcfg = m.random
-    params = bert.init_bert(keys.model, bcfg, dtype)
-    base = base_lib.tree_ref(f"random BERT {dataclasses.asdict(bcfg)}", params)
-  else:
-    folder = m.path or bert.minilm_path()
-    bcfg, params = bert.load_bert(folder, dtype)
-    base = base_lib.folder_ref(folder)
+  bcfg, params, base = _base(m, keys, bert.init_bert, lambda folder: bert.load_bert(folder, dtype),
+                             m.path or (None if m.random is not None else bert.minilm_path()))
   if m.dropout is not None:
     bcfg = dataclasses.replace(bcfg, hidden_dropout_prob=m.dropout, attention_probs_dropout_prob=m.dropout)
   tok_path = m.tokenizer or m.path
@@ -232,13 +236,8 @@ def sft(config: RunConfig, keys: Keys) -> Problem:
   """Causal-LM SFT of a decoder on JSONL (see the module docstring)."""
   m, d = config.model, config.data
   dtype = jnp.dtype(m.dtype)
-  if m.random is not None:
-    dcfg = m.random
-    params = decoder.init_decoder(keys.model, dcfg, dtype)
-    base = base_lib.tree_ref(f"random {dcfg.family} decoder", params)
-  else:
-    dcfg, params = hf_decoder.load_pretrained(m.path, dtype=dtype)
-    base = base_lib.folder_ref(m.path)
+  dcfg, params, base = _base(m, keys, decoder.init_decoder,
+                             lambda folder: hf_decoder.load_pretrained(folder, dtype=dtype), m.path)
   if m.dropout is not None:
     dcfg = dataclasses.replace(dcfg, attention_dropout=m.dropout)
   tokenizer = FolderTokenizer(m.tokenizer or m.path)
