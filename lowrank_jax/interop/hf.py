@@ -5,18 +5,6 @@ importing ``interop``); this module re-exports it unchanged. Whole decoder folde
 (``config.json`` + single or sharded safetensors) are :func:`lowrank_jax.models.load_pretrained`.
 """
 
-from lowrank_jax.io.hf import (Rule, convert_state_dict, default_rules, flatten, load_hf_tree,
+from lowrank_jax.io.hf import (Rule, __all__, convert_state_dict, default_rules, flatten, load_hf_tree,
                                load_safetensors, rename, save_safetensors, to_torch_state_dict,
                                unflatten)
-
-__all__ = [
-  "load_safetensors",
-  "save_safetensors",
-  "convert_state_dict",
-  "load_hf_tree",
-  "unflatten",
-  "flatten",
-  "to_torch_state_dict",
-  "rename",
-  "default_rules",
-]

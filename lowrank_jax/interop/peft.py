@@ -53,6 +53,7 @@ import numpy as np
 
 from lowrank_jax import lazy, tree as tree_lib
 from lowrank_jax.interop import hf
+from lowrank_jax.io import safetensors as st
 from lowrank_jax.methods import adalora as adalora_lib, batched as batched_lib, dora as dora_lib, lora as lora_lib
 from lowrank_jax.models import bert, families
 from lowrank_jax.reparam import Reparam
@@ -470,14 +471,7 @@ def save_peft_adapter(folder: str | os.PathLike, phi: PyTree, config: Optional[d
     with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
       json.dump(config, f, indent=2, sort_keys=True)
       f.write("\n")
-    if os.path.exists(folder):
-      old = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.old_", dir=parent)
-      os.rmdir(old)
-      os.replace(folder, old)
-      os.replace(tmp, folder)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.replace(tmp, folder)
+    st.replace_folder(tmp, folder)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise

@@ -49,6 +49,7 @@ __all__ = [
   "SINGLE_FILE",
   "INDEX_FILE",
   "replace_folder",
+  "write_json",
 ]
 
 SINGLE_FILE = "model.safetensors"
@@ -360,12 +361,18 @@ def write_sharded(folder: str | os.PathLike, sources: Iterable[TensorSource], *,
     write_file(os.path.join(folder, name), shard, metadata)
     weight_map.update({s.name: name for s in shard})
   index = {"metadata": {"total_size": sum(s.nbytes for s in sources)}, "weight_map": weight_map}
-  tmp = os.path.join(folder, f".{INDEX_FILE}.tmp")
-  with open(tmp, "w") as f:
-    json.dump(index, f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, os.path.join(folder, INDEX_FILE))
+  write_json(os.path.join(folder, INDEX_FILE), index)
   return names + [INDEX_FILE]
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+  """Writes ``obj`` as indented, key-sorted JSON, atomically (temp file, then rename)."""
+  path = os.fspath(path)
+  tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp")
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+    f.write("\n")
+  os.replace(tmp, path)
 
 
 def replace_folder(tmp: str, folder: str) -> None:

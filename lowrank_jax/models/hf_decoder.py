@@ -227,9 +227,5 @@ def save_pretrained(folder: str | os.PathLike, config: DecoderConfig, params: Py
     if (name.startswith("model") and name.endswith(".safetensors")) or name == st.INDEX_FILE:
       os.remove(os.path.join(folder, name))
   written = st.write_sharded(folder, sources, max_shard_size=max_shard_size, metadata={"format": "pt"})
-  tmp = os.path.join(folder, f".{CONFIG_NAME}.tmp")
-  with open(tmp, "w") as f:
-    json.dump(hf, f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, os.path.join(folder, CONFIG_NAME))
+  st.write_json(os.path.join(folder, CONFIG_NAME), hf)
   return written + [CONFIG_NAME]

@@ -19,25 +19,10 @@ The tensor table follows from ``modules`` and the parameter shapes of the config
 and ``mixtral``.
 """
 
-from lowrank_jax.models.families import gemma, llama, mixtral, qwen  # registers the families
-from lowrank_jax.models.families.base import (REQUIRED, Family, TensorEntry, config_kwargs, family_for,
-                                              get, hf_config, registered, rope_from_hf, rope_to_hf,
-                                              tensor_table)
+from lowrank_jax.models.families import base, gemma, llama, mixtral, qwen  # the modules register the families
+from lowrank_jax.models.families.base import *  # noqa: F401,F403  (the machinery, see base.__all__)
 
-__all__ = [
-  "REQUIRED",
-  "Family",
-  "TensorEntry",
-  "FAMILY_NAMES",
-  "MODEL_TYPES",
-  "get",
-  "family_for",
-  "config_kwargs",
-  "hf_config",
-  "tensor_table",
-  "rope_from_hf",
-  "rope_to_hf",
-]
+__all__ = ["FAMILY_NAMES", "MODEL_TYPES", *base.__all__]
 
-FAMILY_NAMES: tuple[str, ...] = tuple(f.name for f in registered())
-MODEL_TYPES: dict[str, str] = {t: f.name for f in registered() for t in f.model_types}
+FAMILY_NAMES: tuple[str, ...] = tuple(f.name for f in base.registered())
+MODEL_TYPES: dict[str, str] = {t: f.name for f in base.registered() for t in f.model_types}

@@ -26,6 +26,8 @@ __all__ = [
   "tensor_table",
   "rope_from_hf",
   "rope_to_hf",
+  "rope_kwargs",
+  "rope_keys",
 ]
 
 REQUIRED = object()
@@ -150,6 +152,18 @@ def rope_to_hf(theta: float, scaling) -> dict:
                  high_freq_factor=float(scaling.high_freq_factor),
                  original_max_position_embeddings=int(scaling.original_max_position_embeddings))
   return out
+
+
+def rope_kwargs(hf: Mapping[str, Any], default_theta: float = 10000.0) -> dict:
+  """``{"rope_theta", "rope_scaling"}`` kwargs of a family with one RoPE."""
+  theta, scaling = rope_from_hf(hf, default_theta)
+  return {"rope_theta": theta, "rope_scaling": scaling}
+
+
+def rope_keys(c) -> dict:
+  """The ``config.json`` RoPE keys of a family with one RoPE (``rope_parameters``, and
+  ``rope_theta`` for readers older than transformers 5)."""
+  return {"rope_parameters": rope_to_hf(c.rope_theta, c.rope_scaling), "rope_theta": c.rope_theta}
 
 
 def sliding_layers_from_hf(hf: Mapping[str, Any], n: int, default_pattern: Optional[Callable[[int], bool]]

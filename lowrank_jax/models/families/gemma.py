@@ -12,8 +12,8 @@ RoPE base for its sliding layers (``rope_parameters["sliding_attention"]``, form
 from __future__ import annotations
 
 from lowrank_jax.models.families.base import (COMMON_KEYS, LLAMA_MODULES, QK_NORM_MODULES, Family, _bias_read,
-                                         layer_types_to_hf, register, rope_from_hf, rope_to_hf,
-                                         sliding_layers_from_hf)
+                                              layer_types_to_hf, register, rope_from_hf, rope_keys,
+                                              rope_kwargs, rope_to_hf, sliding_layers_from_hf)
 
 _SWITCHES = {"norm_plus_one": True, "scale_embeddings": True}
 _SANDWICH = {
@@ -27,22 +27,13 @@ _KEYS2 = _KEYS + (("hidden_activation", "hidden_act", "gelu_pytorch_tanh"),
                   ("final_logit_softcapping", "final_logit_softcapping", None))
 
 
-def _rope(hf) -> dict:
-  theta, scaling = rope_from_hf(hf, 10000.0)
-  return {"rope_theta": theta, "rope_scaling": scaling}
-
-
-def _rope_write(c) -> dict:
-  return {"rope_parameters": rope_to_hf(c.rope_theta, c.rope_scaling), "rope_theta": c.rope_theta}
-
-
 GEMMA = register(Family(
   name="gemma", model_types=("gemma",), architecture="GemmaForCausalLM",
   keys=_KEYS + (("hidden_act", "hidden_act", "gelu_pytorch_tanh"),),
   fixed=_SWITCHES,
   modules=LLAMA_MODULES,
-  read=lambda hf: {**_rope(hf), **_bias_read(hf)},
-  write=lambda c: {**_rope_write(c), "attention_bias": c.qkv_bias},
+  read=lambda hf: {**rope_kwargs(hf), **_bias_read(hf)},
+  write=lambda c: {**rope_keys(c), "attention_bias": c.qkv_bias},
 ))
 
 GEMMA2 = register(Family(
@@ -50,9 +41,9 @@ GEMMA2 = register(Family(
   keys=_KEYS2,
   fixed={**_SWITCHES, "sandwich_norms": True},
   modules={**LLAMA_MODULES, **_SANDWICH},
-  read=lambda hf: {**_rope(hf), **_bias_read(hf),
+  read=lambda hf: {**rope_kwargs(hf), **_bias_read(hf),
                    **sliding_layers_from_hf(hf, int(hf["num_hidden_layers"]), lambda i: (i + 1) % 2 == 1)},
-  write=lambda c: {**_rope_write(c), **layer_types_to_hf(c), "attention_bias": c.qkv_bias},
+  write=lambda c: {**rope_keys(c), **layer_types_to_hf(c), "attention_bias": c.qkv_bias},
 ))
 
 

@@ -8,17 +8,7 @@ layer when ``sliding_window`` is set.
 from __future__ import annotations
 
 from lowrank_jax.models.families.base import (COMMON_KEYS, LLAMA_MODULES, Family, _bias_read, register,
-                                         rope_from_hf, rope_to_hf)
-
-
-def _rope_read(hf) -> dict:
-  theta, scaling = rope_from_hf(hf, 10000.0)
-  return {"rope_theta": theta, "rope_scaling": scaling}
-
-
-def _rope_write(c) -> dict:
-  out = {"rope_parameters": rope_to_hf(c.rope_theta, c.rope_scaling), "rope_theta": c.rope_theta}
-  return out
+                                              rope_keys, rope_kwargs)
 
 
 LLAMA = register(Family(
@@ -27,8 +17,8 @@ LLAMA = register(Family(
                       ("tie_word_embeddings", "tie_word_embeddings", False)),
   fixed={},
   modules=LLAMA_MODULES,
-  read=lambda hf: {**_rope_read(hf), **_bias_read(hf)},
-  write=lambda c: {**_rope_write(c), "attention_bias": c.qkv_bias},
+  read=lambda hf: {**rope_kwargs(hf), **_bias_read(hf)},
+  write=lambda c: {**rope_keys(c), "attention_bias": c.qkv_bias},
 ))
 
 MISTRAL = register(Family(
@@ -37,6 +27,6 @@ MISTRAL = register(Family(
                       ("tie_word_embeddings", "tie_word_embeddings", False)),
   fixed={},
   modules=LLAMA_MODULES,
-  read=_rope_read,
-  write=_rope_write,
+  read=rope_kwargs,
+  write=rope_keys,
 ))

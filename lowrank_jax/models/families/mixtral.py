@@ -7,20 +7,18 @@ modelled.
 
 from __future__ import annotations
 
-from lowrank_jax.models.families.base import COMMON_KEYS, LLAMA_MODULES, Family, register, rope_from_hf, rope_to_hf
+from lowrank_jax.models.families.base import COMMON_KEYS, LLAMA_MODULES, Family, register, rope_keys, rope_kwargs
 
 _BLOCK = "model.layers.{i}.block_sparse_moe"
 
 
 def _read(hf) -> dict:
-  theta, scaling = rope_from_hf(hf, 1e6)
-  return {"rope_theta": theta, "rope_scaling": scaling,
-          "num_experts": int(hf["num_local_experts"]), "num_experts_per_tok": int(hf["num_experts_per_tok"])}
+  return {**rope_kwargs(hf, 1e6), "num_experts": int(hf["num_local_experts"]),
+          "num_experts_per_tok": int(hf["num_experts_per_tok"])}
 
 
 def _write(c) -> dict:
-  return {"rope_parameters": rope_to_hf(c.rope_theta, c.rope_scaling), "rope_theta": c.rope_theta,
-          "num_local_experts": c.num_experts, "num_experts_per_tok": c.num_experts_per_tok}
+  return {**rope_keys(c), "num_local_experts": c.num_experts, "num_experts_per_tok": c.num_experts_per_tok}
 
 
 MIXTRAL = register(Family(

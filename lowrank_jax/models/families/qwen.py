@@ -11,20 +11,11 @@ layers are sparse unless listed in ``mlp_only_layers`` or skipped by
 from __future__ import annotations
 
 from lowrank_jax.models.families.base import (COMMON_KEYS, LLAMA_MODULES, QK_NORM_MODULES, Family, _bias_read,
-                                         layer_types_to_hf, register, rope_from_hf, rope_to_hf,
-                                         sliding_layers_from_hf)
+                                              layer_types_to_hf, register, rope_keys, rope_kwargs,
+                                              sliding_layers_from_hf)
 
 KEYS = COMMON_KEYS + (("hidden_act", "hidden_act", "silu"),
                       ("tie_word_embeddings", "tie_word_embeddings", False))
-
-
-def _rope(hf) -> dict:
-  theta, scaling = rope_from_hf(hf, 10000.0)
-  return {"rope_theta": theta, "rope_scaling": scaling}
-
-
-def _rope_write(c) -> dict:
-  return {"rope_parameters": rope_to_hf(c.rope_theta, c.rope_scaling), "rope_theta": c.rope_theta}
 
 
 def _sliding_write(c) -> dict:
@@ -36,7 +27,7 @@ def _sliding_write(c) -> dict:
 
 
 def _read(hf) -> dict:
-  return {**_rope(hf), **sliding_layers_from_hf(hf, int(hf["num_hidden_layers"]), None)}
+  return {**rope_kwargs(hf), **sliding_layers_from_hf(hf, int(hf["num_hidden_layers"]), None)}
 
 
 QWEN2 = register(Family(
@@ -44,7 +35,7 @@ QWEN2 = register(Family(
   keys=KEYS, fixed={"qkv_bias": True, "o_bias": False},
   modules=LLAMA_MODULES,
   read=_read,
-  write=lambda c: {**_rope_write(c), **_sliding_write(c)},
+  write=lambda c: {**rope_keys(c), **_sliding_write(c)},
 ))
 
 QWEN3 = register(Family(
@@ -52,7 +43,7 @@ QWEN3 = register(Family(
   keys=KEYS, fixed={"qk_norm": True},
   modules={**LLAMA_MODULES, **QK_NORM_MODULES},
   read=lambda hf: {**_read(hf), **_bias_read(hf)},
-  write=lambda c: {**_rope_write(c), **_sliding_write(c), "attention_bias": c.qkv_bias},
+  write=lambda c: {**rope_keys(c), **_sliding_write(c), "attention_bias": c.qkv_bias},
 ))
 
 
@@ -65,7 +56,7 @@ def _moe_read(hf) -> dict:
   dense = set(hf.get("mlp_only_layers") or ())
   moe = tuple(i for i in range(n) if i not in dense and (i + 1) % step == 0)
   window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
-  return {**_rope(hf), **_bias_read(hf), "num_experts": int(experts),
+  return {**rope_kwargs(hf), **_bias_read(hf), "num_experts": int(experts),
           "num_experts_per_tok": int(hf["num_experts_per_tok"]),
           "moe_intermediate_size": int(hf["moe_intermediate_size"]),
           "norm_topk_prob": bool(hf.get("norm_topk_prob", False)),
@@ -75,7 +66,7 @@ def _moe_read(hf) -> dict:
 
 def _moe_write(c) -> dict:
   moe = [i for i in range(c.num_layers) if c.is_moe_layer(i)]
-  return {**_rope_write(c), "attention_bias": c.qkv_bias, "num_experts": c.num_experts,
+  return {**rope_keys(c), "attention_bias": c.qkv_bias, "num_experts": c.num_experts,
           "num_experts_per_tok": c.num_experts_per_tok, "moe_intermediate_size": c.expert_size,
           "norm_topk_prob": c.norm_topk_prob, "decoder_sparse_step": 1,
           "mlp_only_layers": [i for i in range(c.num_layers) if i not in moe],
