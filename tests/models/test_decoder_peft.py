@@ -37,7 +37,7 @@ def test_import_equals_peft_logits(family):
   config, params, adapter = _import(family)
   g = dict(np.load(GOLDEN / f"peft_{family}.npz"))
   out = fwd(adapter.reparam.apply(params, adapter.phi), config, g["input_ids"], attention_mask=g["attention_mask"])
-  assert _masked_diff(out, g["logits"], g["attention_mask"]) < 2e-5
+  assert _masked_diff(out, g["logits"], g["attention_mask"]) < 1e-5
   base = fwd(params, config, g["input_ids"], attention_mask=g["attention_mask"])
   assert _masked_diff(base, g["logits"], g["attention_mask"]) > 0.1   # the adapter matters
   if family in ("qwen3_moe", "mixtral"):
@@ -105,7 +105,7 @@ def test_peft_loads_our_export(family, tmp_path):
   g = dict(np.load(GOLDEN / f"{family}.npz"))
   ours = fwd(reparam.apply(params, phi), config, g["input_ids"], attention_mask=g["attention_mask"])
   theirs = _peft_logits(GOLDEN / family, tmp_path / "a", g)
-  assert _masked_diff(ours, theirs, g["attention_mask"]) < 2e-5
+  assert _masked_diff(ours, theirs, g["attention_mask"]) < 1e-5
   # and back: our import of our export is the same adapter
   back = peft_io.load_peft_adapter(tmp_path / "a", params, module_to_path=peft_io.decoder_module_to_path(config))
   again = fwd(back.reparam.apply(params, back.phi), config, g["input_ids"], attention_mask=g["attention_mask"])
