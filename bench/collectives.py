@@ -9,16 +9,22 @@ backward, update) on 8 devices, for each base and layout:
 * bases: ``dense`` (the kernels in the base dtype) and ``nf4`` (the same kernels in
   NF4 + double quantization, :func:`lowrank_jax.quant.quantize`);
 * layouts: ``fsdp`` (mesh ``fsdp:8``, the batch and every kernel split over ``fsdp``,
-  :func:`lowrank_jax.sharding.decoder_sharding_rules` with ``tensor=None``) and ``tensor``
-  (mesh ``data:2,tensor:4``: Megatron column/row rules, batch over ``data``).
+  :func:`lowrank_jax.sharding.decoder_sharding_rules` with ``tensor=None``, each kernel
+  gathered inside its matmul: :func:`lowrank_jax.sharding.gather_at_use`, which for
+  ``nf4`` gathers the 4-bit codes; the small embedding replicated, so that activations
+  stay split over the batch) and ``tensor`` (mesh ``data:2,tensor:4``: Megatron
+  column/row rules, batch over ``data``).
 
 The step is compiled, not run: :func:`parse_collectives` reads ``all-gather``,
 ``all-reduce``, ``reduce-scatter``, ``all-to-all`` and ``collective-permute`` (and
 their ``-start`` forms) from ``compiled.as_text()`` with their result shapes.
 Each op is counted once as written (an op inside a loop body counts once); bytes are
-each op's result per device (the gathered buffer of an all-gather). The table's last
-column is the all-gather bytes of each base over the dense base's in the
-same layout (the goal for NF4 under FSDP: at most 0.3x of a bfloat16 base).
+each op's result per device (the gathered buffer of an all-gather). The table's
+ratio column is the all-gather bytes of each base over the dense base's in the same
+layout (the goal for NF4 under FSDP: at most 0.3x of a bfloat16 base). XLA:CPU
+all-gathers bfloat16 arrays as float32, so with a bfloat16 base on CPU a last column
+recounts float gathers at 2 bytes an element (what GPU and TPU move). Measured
+figures: bench/README.md.
 """
 
 from __future__ import annotations
@@ -119,8 +125,10 @@ def _setup(base: str, layout: str, *, layers: int, hidden: int, ffn: int, heads:
     raise ValueError(f"unknown base {base!r}")
   reparam = lj.lora(kernels, rank=rank)
   phi = reparam.init(jax.random.key(1), theta0)
-  if layout == "fsdp":
-    mesh, rules, batch_spec = sharding.make_mesh("fsdp:8"), sharding.decoder_sharding_rules(tensor=None), P("fsdp")
+  if layout == "fsdp":  # the embedding replicated: a vocab- or hidden-split table would split
+    # the activations along something else than the batch
+    mesh, batch_spec = sharding.make_mesh("fsdp:8"), P("fsdp")
+    rules = [(r"embedding$", P())] + sharding.decoder_sharding_rules(tensor=None)
   elif layout == "tensor":
     mesh = sharding.make_mesh("data:2,tensor:4")
     rules, batch_spec = sharding.decoder_sharding_rules(fsdp=None), P("data")
@@ -128,6 +136,8 @@ def _setup(base: str, layout: str, *, layers: int, hidden: int, ffn: int, heads:
     raise ValueError(f"unknown layout {layout!r}")
   specs = sharding.partition_specs(theta0, rules, mesh)
   t0 = sharding.shard(theta0, specs, mesh)
+  if layout == "fsdp":  # every kernel gathered inside its matmul (the codes, for nf4)
+    t0 = sharding.gather_at_use(t0, specs, mesh)
   pspecs = sharding.phi_specs(phi, theta0, specs)
   sphi = sharding.shard(phi, pspecs, mesh)
   opt = optax.adamw(1e-3)
@@ -154,11 +164,21 @@ def _fmt_bytes(b: float) -> str:
   return f"{b / 2**20:.3f} MiB" if b >= 2**16 else f"{b / 2**10:.1f} KiB"
 
 
-def table(results: dict, dense_key: dict) -> str:
-  """A markdown table of ``{(base, layout): summary}``."""
-  head = ("| base | layout | all-gather (n, bytes) | u8 gathered | all-reduce | reduce-scatter "
-          "| all-to-all | collective-permute | gather bytes / dense |")
-  rows = [head, "|" + "---|" * 9]
+def _bf16_gathered(summary: dict) -> float:
+  """All-gather bytes if the float arrays were gathered in bfloat16 (XLA:CPU gathers
+  bfloat16 as float32; GPU and TPU do not)."""
+  by = summary["all-gather"]["bytes_by_dtype"]
+  return sum(b / 2 if d == "f32" else b for d, b in by.items())
+
+
+def table(results: dict, dense_key: dict, half_floats: bool = False) -> str:
+  """A markdown table of ``{(base, layout): summary}``; ``half_floats`` adds the gather
+  ratio with float gathers counted at 2 bytes an element (a bfloat16 base on GPU/TPU)."""
+  head = ["base", "layout", "all-gather (n, bytes)", "u8 gathered", "all-reduce", "reduce-scatter",
+          "all-to-all", "collective-permute", "gather bytes / dense"]
+  if half_floats:
+    head.append("same, bf16 gathered as bf16")
+  rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for (base, layout), s in results.items():
     ag = s["all-gather"]
     ref = results.get((dense_key[layout], layout))
@@ -167,6 +187,9 @@ def table(results: dict, dense_key: dict) -> str:
              _fmt_bytes(ag["bytes_by_dtype"].get("u8", 0.0))]
     cells += [f"{s[k]['count']}, {_fmt_bytes(s[k]['bytes'])}" for k in KINDS[1:]]
     cells.append(f"{ratio:.3f}")
+    if half_floats:
+      den = _bf16_gathered(ref) if ref else 0.0
+      cells.append(f"{_bf16_gathered(s) / den:.3f}" if den else "nan")
     rows.append("| " + " | ".join(cells) + " |")
   return "\n".join(rows)
 
@@ -178,8 +201,8 @@ def main(argv: Optional[list[str]] = None) -> None:
   parser.add_argument("--ffn", type=int, default=512)
   parser.add_argument("--heads", type=int, default=4)
   parser.add_argument("--vocab", type=int, default=256)
-  parser.add_argument("--batch", type=int, default=8)
-  parser.add_argument("--seq", type=int, default=32)
+  parser.add_argument("--batch", type=int, default=16)
+  parser.add_argument("--seq", type=int, default=128)
   parser.add_argument("--rank", type=int, default=8)
   parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
   args = parser.parse_args(argv)
@@ -195,7 +218,11 @@ def main(argv: Optional[list[str]] = None) -> None:
       results[(base, layout)] = measure(base, layout, **kw)
   print(f"{args.layers} layers, hidden {args.hidden}, ffn {args.ffn}, vocab {args.vocab}, "
         f"{args.dtype} base, LoRA r={args.rank}, batch {args.batch}x{args.seq}, 8 devices")
-  print(table(results, {"fsdp": "dense", "tensor": "dense"}))
+  half = args.dtype == "bfloat16" and jax.devices()[0].platform == "cpu"
+  print(table(results, {"fsdp": "dense", "tensor": "dense"}, half_floats=half))
+  if half:
+    print("XLA:CPU all-gathers bfloat16 arrays as float32; the last column counts float "
+          "gathers at 2 bytes an element, as a bfloat16 base is gathered on GPU and TPU.")
 
 
 if __name__ == "__main__":

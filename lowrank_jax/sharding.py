@@ -48,14 +48,22 @@ Everything derived from a base weight is placed from the base's spec:
   (``b [r, out]``) the output axis's entry, a vector of the output size (DoRA's
   magnitude) the output entry, a full-size leaf (``full``) the whole spec; so the
   low-rank matmuls stay local. ``chain`` phis (tuples) are handled element-wise.
-* quantized bases (``QuantizedWeight``): the spec is the *weight's*; the codec maps it
-  onto its buffers (``buffer_specs``: 4-bit codes ``[..., out/2]`` and block scales
-  ``[..., out/block]`` take the weight's spec), so FSDP gathers 4-bit codes.
+* quantized bases (``QuantizedWeight``): the spec is the *weight's*; :func:`shard` stores
+  the codec in its row layout and maps the spec onto its buffers (``buffer_specs``:
+  4-bit codes ``[..., out/2]`` and block scales ``[..., out/block]`` take the weight's
+  spec), and along the FSDP axes (``gather_axes``) the codes are all-gathered inside
+  each matmul and decoded there: FSDP moves 4.13 bits a parameter, not decoded floats.
 * optimizer states (:func:`like`): a state leaf under a parameter's path takes the
   parameter's spec on every axis whose size it shares (Adam's moments entirely,
   GaLore's projector ``[m, r]`` / moments ``[r, n]`` on the shared axis), codec nodes
   (8-bit Adam's ``Blockwise8``) through their ``buffer_specs``; offloaded state keeps its
   memory kind.
+
+FSDP at use: :func:`gather_at_use` makes the selected dense kernels
+(:class:`GatherAtUse`) gather along the FSDP axes inside their matmul and again in the
+backward pass, instead of leaving XLA to move activations or to keep every gathered
+weight alive; with the embedding replicated (or activations constrained) a step then
+all-gathers each weight twice and all-reduces the adapter gradients, nothing else.
 
 A spec that does not divide a leaf raises a ``ValueError`` naming the path, shape,
 mesh axis and size; ``on_indivisible="replicate"`` replicates such leaves instead and
@@ -64,11 +72,13 @@ says which (a ``UserWarning``).
 
 from __future__ import annotations
 
+import functools
 import re
 import warnings
-from typing import Any, Callable, Literal, Mapping, Optional, Sequence
+from typing import Any, Callable, Literal, Mapping, Optional, Sequence, Union
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -82,7 +92,7 @@ OnIndivisible = Literal["error", "replicate"]
 __all__ = ["make_mesh", "parse_mesh_spec", "partition_specs", "fsdp_specs", "phi_specs", "shard",
            "like", "replicated", "decoder_sharding_rules", "bert_sharding_rules",
            "family_rules", "named_shardings", "shape_structs",
-           "leaf_shardings", "jit_train_step"]
+           "leaf_shardings", "jit_train_step", "gather_at_use", "GatherAtUse"]
 
 
 # ----------------------------------------------------------------------------- meshes
@@ -193,14 +203,29 @@ def _items(tree: PyTree) -> list[tuple[str, Any]]:
   return [(tree_lib.path_str(p), x) for p, x in leaves]
 
 
+def _shardable(x: Any) -> Any:
+  """``x`` in the layout its placement uses: a quantized weight's codec in its row layout
+  (``for_sharding``), a codec node (8-bit Adam moments) likewise (``rows``); others as is."""
+  if hasattr(x, "for_sharding"):
+    return x.for_sharding()
+  if hasattr(x, "rows") and hasattr(x, "buffer_specs"):
+    return x.rows()
+  return x
+
+
+def _prepared(tree: PyTree) -> PyTree:
+  return jax.tree.map(_shardable, tree, is_leaf=_is_leaf)
+
+
 def leaf_shardings(x: Any, spec: Any, mesh: Mesh, path: str = "", *,
                    memory_kind: Optional[str] = None) -> Any:
   """The ``NamedSharding`` (tree) that places leaf ``x`` by the *logical* spec ``spec``.
 
   An array gets ``NamedSharding(mesh, spec)``. A lazy weight (a quantized base) is
-  placed by its ``buffer_specs(spec, axis_sizes)`` (the codec maps the weight's spec
-  onto its buffers); a lazy weight without it gets ``spec`` on its buffers shaped like
-  the weight and replication elsewhere. ``spec`` may also be a ready tree of specs.
+  placed by its ``buffer_specs(spec, axis_sizes)`` in its row layout (the codec maps the
+  weight's spec onto its buffers; :func:`shard` converts the leaf); a lazy weight
+  without it gets ``spec`` on its buffers shaped like the weight and replication
+  elsewhere. ``spec`` may also be a ready tree of specs.
 
   Raises:
     ValueError: naming ``path``, the shape and the mesh axis when ``spec`` does not divide.
@@ -214,6 +239,7 @@ def leaf_shardings(x: Any, spec: Any, mesh: Mesh, path: str = "", *,
   _check(path, shape, spec, mesh)
   if not lazy.is_lazy(x):
     return named(spec)
+  x = _shardable(x)
   buffer_specs = getattr(x, "buffer_specs", None)
   if buffer_specs is not None:
     try:
@@ -403,7 +429,8 @@ def _adapter_spec(shape: tuple, base_shape: tuple, spec: P) -> P:
   return P()
 
 
-def phi_specs(phi: PyTree, theta0: PyTree, theta0_specs: PyTree) -> PyTree:
+def phi_specs(phi: PyTree, theta0: PyTree, theta0_specs: PyTree, *,
+              replicate_axes: Sequence[str] = ("fsdp",)) -> PyTree:
   """Adapter placements derived from the base weights' specs.
 
   Each ``phi`` leaf is matched to the base weight whose path lies inside its own
@@ -412,6 +439,15 @@ def phi_specs(phi: PyTree, theta0: PyTree, theta0_specs: PyTree) -> PyTree:
   out_axis)``, LoRA's ``a [in, r]`` gets ``P(in_axis)``, ``b [r, out]`` gets
   ``P(None, out_axis)``, a full-size leaf the base's spec. Leaves matching no base
   (prefixes, bottleneck adapters) and specs that would not divide are replicated.
+
+  Args:
+    phi: the trainable parameters (``None`` holes allowed).
+    theta0: the frozen base (arrays, lazy weights or abstract values).
+    theta0_specs: its specs.
+    replicate_axes: storage-only (FSDP) mesh axes that leaves *smaller* than their base
+      (LoRA factors, vectors) are not split along: they are tiny, and a factor split
+      along the axis that also splits the batch makes the partitioner move activations.
+      A full-size leaf keeps them (full fine-tuning stays ZeRO-3).
 
   Returns:
     A tree with ``phi``'s structure: a ``PartitionSpec`` per array, ``None`` per hole.
@@ -424,7 +460,10 @@ def phi_specs(phi: PyTree, theta0: PyTree, theta0_specs: PyTree) -> PyTree:
       out.append(None)
       continue
     hit = index.find(path)
-    out.append(P() if hit is None else _adapter_spec(tuple(a.shape), hit[0], hit[1]))
+    spec = P() if hit is None else _adapter_spec(tuple(a.shape), hit[0], hit[1])
+    if hit is not None and tuple(a.shape) != tuple(hit[0]):
+      spec = _without(spec, replicate_axes)
+    out.append(spec)
   treedef = jax.tree_util.tree_structure(phi, is_leaf=_is_leaf)
   return jax.tree_util.tree_unflatten(treedef, out)
 
@@ -432,24 +471,36 @@ def phi_specs(phi: PyTree, theta0: PyTree, theta0_specs: PyTree) -> PyTree:
 # ------------------------------------------------------------------------- placement
 
 def named_shardings(tree: PyTree, specs: PyTree, mesh: Mesh) -> PyTree:
-  """``NamedSharding`` (trees for lazy leaves) per leaf of ``tree``; ``None`` holes kept."""
+  """``NamedSharding`` (trees for lazy leaves, in their row layout) per leaf of ``tree``;
+  ``None`` holes kept."""
   treedef = jax.tree_util.tree_structure(tree, is_leaf=_is_leaf)
   out = [None if x is None else leaf_shardings(x, s, mesh, path)
          for (path, x), s in zip(_items(tree), treedef.flatten_up_to(specs))]
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def shard(tree: PyTree, specs: PyTree, mesh: Mesh) -> PyTree:
-  """``jax.device_put`` every array leaf with ``NamedSharding(mesh, spec)``; a lazy leaf
-  (quantized base) is placed buffer by buffer from its weight's spec."""
+def shard(tree: PyTree, specs: PyTree, mesh: Mesh, *,
+          gather_axes: Sequence[str] = ("fsdp",)) -> PyTree:
+  """``jax.device_put`` every array leaf with ``NamedSharding(mesh, spec)``.
+
+  A quantized leaf (``QuantizedWeight``) is placed buffer by buffer from its weight's
+  spec, its codec in the row layout, and gathered along ``gather_axes`` (the FSDP
+  axes) inside its matmul: the 4-bit codes are all-gathered, then decoded locally
+  (``compute_sharding``), never the decoded weight. Dense leaves are left to the
+  partitioner (see :func:`gather_at_use` for the same on them).
+  """
+  tree = _prepared(tree)
   shardings = named_shardings(tree, specs, mesh)
-  return jax.tree.map(lambda x, s: None if x is None else jax.device_put(x, s), tree, shardings,
-                      is_leaf=_is_leaf)
+  placed = jax.tree.map(lambda x, s: None if x is None else jax.device_put(x, s), tree, shardings,
+                        is_leaf=_is_leaf)
+  return gather_at_use(placed, specs, mesh, where=lambda p, x: hasattr(x, "with_compute_sharding"),
+                       axes=gather_axes)
 
 
 def shape_structs(tree: PyTree, specs: PyTree, mesh: Mesh) -> PyTree:
   """``jax.ShapeDtypeStruct`` with its target sharding per array of ``tree`` (arrays or
   abstract values): a template for :func:`lowrank_jax.checkpoint.restore` onto ``mesh``."""
+  tree = _prepared(tree)
   shardings = named_shardings(tree, specs, mesh)
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       tree, shardings)
@@ -482,6 +533,7 @@ def like(state: PyTree, params: PyTree, param_specs: PyTree, mesh: Mesh) -> PyTr
     kind = _memory_kind(jax.tree.leaves(x)[0]) if jax.tree.leaves(x) else None
     hit = index.find(path)
     if _is_codec(x):
+      x = _shardable(x)
       spec = P() if hit is None else _codec_spec(x, hit, mesh)
       return jax.device_put(x, leaf_shardings(x, spec, mesh, path, memory_kind=kind))
     shape = tuple(np.shape(x))
@@ -494,6 +546,98 @@ def like(state: PyTree, params: PyTree, param_specs: PyTree, mesh: Mesh) -> PyTr
 
   placed = [place(tree_lib.path_str(p), x) for p, x in leaves]
   return jax.tree_util.tree_unflatten(treedef, placed)
+
+
+# ------------------------------------------------------------------- gather at use
+
+@lazy.pytree_dataclass(static=("compute_sharding",))
+class GatherAtUse(lazy.LazyWeight):
+  """A dense weight stored sharded (FSDP) and gathered to ``compute_sharding`` only where
+  it is used: in its matmul (:func:`lowrank_jax.dot`; recomputed in the backward pass,
+  so the gathered copy lives for one matmul, not for the whole step) and in
+  ``materialize``. It is gathered in its stored dtype, then cast to the input's.
+
+  Attributes:
+    w: the stored (sharded) weight.
+    compute_sharding: the ``NamedSharding`` of the weight inside the matmul.
+  """
+  w: jax.Array
+  compute_sharding: Any
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return tuple(self.w.shape)
+
+  @property
+  def dtype(self):
+    return self.w.dtype
+
+  def materialize(self) -> jax.Array:
+    return jax.lax.with_sharding_constraint(self.w, self.compute_sharding)
+
+  def matrix_matmul(self, x: jax.Array) -> jax.Array:
+    return _gathered_matmul(x, self.w, self.compute_sharding)
+
+
+@functools.partial(jax.checkpoint, static_argnums=(2,))
+def _gathered_matmul(x: jax.Array, w: jax.Array, compute_sharding) -> jax.Array:
+  w = jax.lax.with_sharding_constraint(w, compute_sharding)
+  return jnp.matmul(x, w.astype(x.dtype))
+
+
+def _without(spec: P, axes: Sequence[str]) -> P:
+  """``spec`` with the mesh axes ``axes`` removed (what a leaf looks like when gathered)."""
+  def drop(entry):
+    if entry is None:
+      return None
+    names = tuple(n for n in ((entry,) if isinstance(entry, str) else entry) if n not in axes)
+    return None if not names else names[0] if len(names) == 1 else names
+  return _norm(*(drop(e) for e in spec))
+
+
+def gather_at_use(tree: PyTree, specs: PyTree, mesh: Mesh, *,
+                  where: Union[str, Sequence[str], Callable[[str, Any], bool]] = r"kernel$",
+                  axes: Sequence[str] = ("fsdp",)) -> PyTree:
+  """FSDP for the frozen base: the selected leaves, placed by ``specs``, are gathered along
+  ``axes`` inside each matmul instead of wherever the partitioner decides.
+
+  Without it XLA may keep an FSDP-sharded weight sharded in the matmul and move
+  activations instead, or (for a quantized base) gather the *decoded* weight. A dense
+  selected matrix becomes a :class:`GatherAtUse`; a quantized one (``QuantizedWeight``)
+  gets its compute sharding, so its 4-bit codes are gathered and decoded locally
+  (:func:`shard` already does this for quantized leaves).
+
+  Args:
+    tree: the placed frozen parameters (:func:`shard` output).
+    specs: the specs they were placed with.
+    mesh: their mesh.
+    where: the leaves to treat: regex(es) on the path or ``(path, leaf) -> bool`` (default:
+      every ``kernel``, the weights our models multiply through :func:`lowrank_jax.dot`;
+      embeddings are indexed, not multiplied: leave them out).
+    axes: the storage-only mesh axes (gathered at use).
+  """
+  if callable(where):
+    selected = where
+  else:
+    patterns = [re.compile(w) for w in ([where] if isinstance(where, str) else where)]
+    selected = lambda path, x: any(r.search(path) for r in patterns)
+  treedef = jax.tree_util.tree_structure(tree, is_leaf=_is_leaf)
+
+  def wrap(path, x, spec):
+    if x is None or not _is_spec(spec) or not selected(path, x):
+      return x
+    compute = _without(spec, axes)
+    if compute == _norm(*spec):
+      return x
+    sharding = NamedSharding(mesh, compute)
+    if hasattr(x, "with_compute_sharding"):
+      return x.with_compute_sharding(sharding)
+    if lazy.is_lazy(x) or getattr(x, "ndim", 0) != 2:
+      return x
+    return GatherAtUse(x, sharding)
+
+  leaves = [wrap(p, x, s) for (p, x), s in zip(_items(tree), treedef.flatten_up_to(specs))]
+  return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 def _shardings_of(tree: PyTree) -> PyTree:

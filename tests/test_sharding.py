@@ -1,12 +1,14 @@
 """Sharded training steps equal unsharded ones (8 fake CPU devices in CI)."""
 
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 import lowrank_jax as lj
 from lowrank_jax import sharding, train
@@ -246,6 +248,10 @@ def test_like_places_state_and_the_step_compiles_once(name):
     assert specs_of["[0].inner_state.mu['l1']['kernel']['w']"] == P(None, "tensor")
     assert specs_of["[0].projector['l2']['kernel']['w']"] == P(None, "fsdp")
     assert specs_of["[0].inner_state.nu['l2']['kernel']['w']"] == P("tensor", None)
+  if name == "adam8bit":  # 8-bit moments in the row layout: codes shaped and split like the kernel
+    assert specs_of["[0].mu['l1']['kernel']['w'].codes"] == P("fsdp", "tensor")
+    assert flat["[0].nu['l2']['kernel']['w'].codes"].shape == (128, 64)
+    assert specs_of["[0].nu['l2']['kernel']['w'].codes"] == P("tensor", "fsdp")
   if name == "offload":
     kinds = {x.sharding.memory_kind for x in flat.values()}
     assert kinds == {"pinned_host"}
@@ -281,10 +287,139 @@ def test_hlo_collective_parser():
 def test_hlo_collective_parser_on_a_compiled_gather():
   """Replicating an fsdp-sharded [64, 32] float32 array all-gathers 8 KiB per device."""
   from bench import collectives
-  from jax.sharding import NamedSharding
   mesh = sharding.make_mesh("fsdp:8")
   x = jax.device_put(jnp.ones((64, 32)), NamedSharding(mesh, P("fsdp")))
   text = jax.jit(lambda x: x * 2, out_shardings=NamedSharding(mesh, P())).lower(x).compile().as_text()
   s = collectives.summarize(collectives.parse_collectives(text))
   assert s["all-gather"]["count"] == 1 and s["all-gather"]["bytes"] == 64 * 32 * 4
   assert sum(v["count"] for v in s.values()) == 1
+
+
+# ------------------------------------------------------------------- quantized bases
+
+def _codec_cases():
+  from lowrank_jax.quant import Quant4
+  rng = np.random.default_rng(0)
+  x = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+  return [("w dq", Quant4.encode(x(256, 512), 64, True)),
+          ("w plain bs128", Quant4.encode(x(64, 256), 128, False, "fp4")),
+          ("bf16", Quant4.encode(x(64, 128).astype(jnp.bfloat16), 64, True)),
+          ("rows span blocks", Quant4.encode(x(4, 96), 64, True)),
+          ("icq int8", Quant4.encode(x(32, 512) + 0.3, 64, True, icq=True)),
+          ("3-d", Quant4.encode(x(2, 8, 128), 64, True))]
+
+
+def test_quant4_row_layout_is_the_same_bits():
+  """rows() re-lays the bytes out per row (packed [..., last/2], scales [..., last/block]);
+  decode and error bound are bit-identical, flat() gives bitsandbytes' buffers back."""
+  from lowrank_jax.quant import Blockwise8, Quant4
+  cases = _codec_cases()
+  for name, q in cases:
+    r = q.rows()
+    assert r.row_layout and not q.row_layout, name
+    assert r.packed.shape == q.shape[:-1] + (q.shape[-1] // 2,), name
+    if q.shape[-1] % q.block_size == 0:
+      scales = r.absmax.codes if r.double_quant else r.absmax
+      assert scales.shape == q.shape[:-1] + (q.shape[-1] // q.block_size,), name
+    np.testing.assert_array_equal(np.asarray(r.decode()), np.asarray(q.decode()), err_msg=name)
+    np.testing.assert_array_equal(np.asarray(jax.jit(lambda q: q.decode())(r)),
+                                  np.asarray(q.decode()), err_msg=name)
+    np.testing.assert_array_equal(np.asarray(r.error_bound()), np.asarray(q.error_bound()), err_msg=name)
+    chex.assert_trees_all_equal(r.flat(), q)
+    assert r.rows() is r and r.nbytes == q.nbytes
+  odd = Quant4.encode(jnp.ones((3, 333)), 64)
+  assert odd.rows() is odd  # a byte would span two rows: stays flat
+  b = Blockwise8.encode(jnp.asarray(np.random.default_rng(1).standard_normal((16, 512)), jnp.float32))
+  br = b.rows()
+  assert br.codes.shape == (16, 512) and br.absmax.shape == (16, 2)
+  np.testing.assert_array_equal(np.asarray(br.decode()), np.asarray(b.decode()))
+  chex.assert_trees_all_equal(br.flat(), b)
+  bs = Blockwise8.encode(jnp.ones((8, 96)), 256).rows()  # blocks span rows: absmax stays flat
+  assert bs.codes.shape == (8, 96) and bs.absmax.shape == (3,)
+  np.testing.assert_array_equal(np.asarray(bs.error_bound()), np.asarray(bs.flat().error_bound()))
+  with pytest.raises(ValueError, match=r"packed codes have shape \(256, 255\) but shape \(256, 512\) "
+                                       r"needs \(256, 256\)"):
+    dataclasses.replace(cases[0][1].rows(), packed=jnp.zeros((256, 255), jnp.uint8)).decode()
+
+
+@needs_8
+def test_quantized_leaves_through_the_helpers():
+  """QuantizedWeight leaves take the weight's spec (tensor-parallel rules, fsdp_specs): the
+  codes and per-block scales are sharded with it; an indivisible spec is a clear error."""
+  from lowrank_jax import quant
+  k = jax.random.split(jax.random.key(0), 3)
+  theta0 = {"attention": {"q_proj": {"kernel": jax.random.normal(k[0], (128, 256)) / 8},
+                          "o_proj": {"kernel": jax.random.normal(k[1], (256, 128)) / 8}},
+            "norm": {"scale": jnp.ones(128)}}
+  tq = quant.quantize(theta0, r"kernel$", codec="nf4")
+  mesh = sharding.make_mesh("fsdp:2,tensor:4")
+  specs = sharding.partition_specs(tq, sharding.decoder_sharding_rules(), mesh)
+  assert specs["attention"]["q_proj"]["kernel"] == P("fsdp", "tensor")
+  placed = sharding.shard(tq, specs, mesh)
+  q = placed["attention"]["q_proj"]["kernel"]
+  assert q.q.packed.shape == (128, 128) and q.q.packed.sharding.spec == P("fsdp", "tensor")
+  assert q.q.absmax.codes.shape == (128, 4) and q.q.absmax.codes.sharding.spec == P("fsdp", "tensor")
+  assert q.q.packed.addressable_shards[0].data.shape == (64, 32)
+  assert q.compute_sharding == NamedSharding(mesh, P(None, "tensor"))  # gathered over fsdp only
+  o = placed["attention"]["o_proj"]["kernel"]
+  assert o.q.packed.sharding.spec == P("tensor", "fsdp")
+  np.testing.assert_array_equal(np.asarray(o.materialize()), np.asarray(tq["attention"]["o_proj"]["kernel"]
+                                                                        .materialize()))
+  fs = sharding.fsdp_specs(tq, sharding.make_mesh("fsdp:8"), min_size=1000)
+  assert fs["attention"]["q_proj"]["kernel"] == P(None, "fsdp")  # the larger axis, bytes divide
+  sharding.shard(tq, fs, sharding.make_mesh("fsdp:8"))
+  bad = quant.quantize({"w": jnp.ones((64, 36))}, r"w")
+  with pytest.raises(ValueError, match=r"leaf 'w' of shape \(64, 36\) \(QuantizedWeight\): nf4: the last "
+                                       r"axis \(36, 18 bytes\) does not split into 4 shards"):
+    sharding.partition_specs(bad, [("w", P(None, "tensor"))], mesh)
+  with pytest.warns(UserWarning, match="replicated instead of sharded: leaf 'w'"):
+    assert sharding.partition_specs(bad, [("w", P(None, "tensor"))], mesh,
+                                    on_indivisible="replicate")["w"] == P()
+
+
+def _qlora_step_setup(mesh_spec, rules):
+  from lowrank_jax import quant
+  k = jax.random.split(jax.random.key(0), 4)
+  theta0 = {"l1": {"kernel": jax.random.normal(k[0], (128, 256)) / 8, "bias": jnp.zeros(256)},
+            "l2": {"kernel": jax.random.normal(k[1], (256, 128)) / 8, "bias": jnp.zeros(128)}}
+  batch = {"x": jax.random.normal(k[2], (64, 128)), "y": jax.random.randint(k[3], (64,), 0, 128)}
+  tq = quant.quantize(theta0, r"kernel$", codec="nf4")
+  reparam = lj.lora(r"kernel", rank=4, alpha=8)
+  phi = jax.tree.map(lambda a: a + 0.01, reparam.init(jax.random.key(1), tq))
+  opt = optax.sgd(0.1)
+  raw = train.make_train_step(reparam, opt, _loss, donate=False, jit=False)
+  ref = jax.jit(raw)(phi, opt.init(phi), tq, batch, None)
+  mesh = sharding.make_mesh(mesh_spec)
+  specs = sharding.partition_specs(tq, rules, mesh)
+  pspecs = sharding.phi_specs(phi, tq, specs)
+  sphi = sharding.shard(phi, pspecs, mesh)
+  args = (sphi, sharding.like(opt.init(sphi), sphi, pspecs, mesh), sharding.shard(tq, specs, mesh),
+          sharding.shard(batch, {"x": P(mesh.axis_names[0]), "y": P(mesh.axis_names[0])}, mesh), None)
+  step = sharding.jit_train_step(raw, donate=False)
+  return step, args, ref
+
+
+@needs_8
+@pytest.mark.parametrize("layout", ["fsdp", "tensor"])
+def test_qlora_step_on_a_mesh_moves_codes_not_decoded_weights(layout):
+  """FSDP: the 4-bit codes (uint8) are all-gathered, never a decoded float weight;
+  tensor parallel: no weight is gathered at all. Both equal the unsharded step."""
+  from bench import collectives
+  if layout == "fsdp":
+    step, args, ref = _qlora_step_setup("fsdp:8", [(r"kernel", P("fsdp"))])
+  else:
+    step, args, ref = _qlora_step_setup("data:2,tensor:4", [(r"l1/kernel", P(None, "tensor")),
+                                                            (r"l2/kernel", P("tensor", None))])
+  out = step(*args)
+  chex.assert_trees_all_close(out[0], ref[0], atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(out[2]["loss"], ref[2]["loss"], rtol=1e-5)
+  ops = collectives.parse_collectives(step.lower(*args).compile().as_text())
+  gathers = [o for o in ops if o.kind == "all-gather"]
+  weight_bytes = 128 * 256 * 4  # a decoded float32 kernel
+  assert not [o for o in gathers if o.dtype != "u8" and o.nbytes >= weight_bytes / 8], gathers
+  if layout == "fsdp":
+    u8 = sum(o.nbytes for o in gathers if o.dtype == "u8")
+    # both kernels' codes (and their 8-bit scales), forward and backward (l1's dx is not needed)
+    assert 128 * 128 * 1.0 <= u8 <= 2 * 2 * 128 * 128 * 1.1, u8
+  else:
+    assert not [o for o in gathers if o.dtype == "u8"], gathers

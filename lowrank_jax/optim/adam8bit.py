@@ -73,7 +73,8 @@ def scale_by_adam_8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
   def enc(x32, like):
     if like is None or not _is_q(like):
       return x32
-    return Blockwise8.encode(x32, block_size, rounding)
+    q = Blockwise8.encode(x32, block_size, rounding)
+    return q.rows() if like.row_layout else q  # keep the layout the state was placed in
 
   def dec(q):
     return q.decode(jnp.float32) if _is_q(q) else q

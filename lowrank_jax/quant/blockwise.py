@@ -16,15 +16,25 @@ Public API::
     q = blockwise8_encode(x, block_size=256)   # Blockwise8 pytree
     y = blockwise8_decode(q)                   # == q.decode(), in x.dtype
     q.nbytes, q.bits_per_param
+
+Layouts. ``encode`` stores bitsandbytes' *flat* layout (``codes [n]``, ``absmax
+[num_blocks]``). :meth:`Blockwise8.rows` re-lays the same bytes out per row: ``codes``
+shaped like the tensor and, when the last axis is a multiple of the block,
+``absmax [..., last / block]`` (otherwise ``absmax`` stays flat: blocks span rows). A
+reshape, nothing recomputed; decoding gives the same bits. In the row layout a
+``PartitionSpec`` of the tensor applies to its codes (:meth:`Blockwise8.buffer_specs`),
+so a sharded tensor's codes are sharded the same way and decode without communication.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import math
+from typing import Any, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 
 from lowrank_jax import lazy
 from lowrank_jax.quant import codebooks
@@ -41,10 +51,82 @@ __all__ = [
   "normalize_blocks",
   "num_blocks_of",
   "to_blocks",
+  "row_blocks_shape",
+  "expand_blocks",
+  "block_spec",
+  "flat_spec",
   "SUPPORTED_DTYPES",
 ]
 
 SUPPORTED_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def row_blocks_shape(shape: tuple[int, ...], block_size: int) -> Optional[tuple[int, ...]]:
+  """``shape[:-1] + (shape[-1] // block_size,)`` when blocks of ``block_size`` tile each row
+  of the last axis (a tensor of >= 2 dims), else ``None`` (blocks span rows)."""
+  if len(shape) >= 2 and shape[-1] % block_size == 0:
+    return tuple(shape[:-1]) + (shape[-1] // block_size,)
+  return None
+
+
+def expand_blocks(per_block: jax.Array, shape: tuple[int, ...], block_size: int) -> jax.Array:
+  """A per-block array repeated to one value per element of a tensor of ``shape``:
+  ``per_block [..., last / block]`` (row layout) along the last axis, a flat
+  ``[num_blocks]`` by each element's row-major index (both local under any sharding of
+  ``shape``: no reshape of the sharded axes)."""
+  if per_block.ndim == len(shape) and len(shape) >= 2:  # broadcast, then merge the block axis
+    wide = jnp.broadcast_to(per_block[..., None], per_block.shape + (block_size,))
+    return wide.reshape(shape)
+  index = jnp.arange(math.prod(shape), dtype=jnp.int32).reshape(shape)
+  return per_block[index // block_size]
+
+
+def mesh_entry_size(axis_sizes: Mapping[str, int], entry) -> int:
+  """How many ways a ``PartitionSpec`` entry (``None``, a name or a tuple of names) splits."""
+  if entry is None:
+    return 1
+  names = (entry,) if isinstance(entry, str) else tuple(entry)
+  return math.prod(axis_sizes[n] for n in names)
+
+
+def block_spec(spec: PartitionSpec, block_shape: Optional[tuple[int, ...]],
+               axis_sizes: Mapping[str, int]) -> PartitionSpec:
+  """The spec of a per-block buffer of a tensor placed by ``spec``: ``spec`` itself for a
+  row-layout buffer ``[..., last / block]`` (the last entry dropped when it does not divide
+  the blocks), replicated for a flat one (small; its blocks span rows)."""
+  if block_shape is None:
+    return PartitionSpec()
+  entries = list(spec) + [None] * (len(block_shape) - len(spec))
+  if block_shape[-1] % mesh_entry_size(axis_sizes, entries[-1]):
+    entries[-1] = None
+  return spec_of(*entries)
+
+
+def flat_spec(spec: PartitionSpec, n: int, block_size: int, per_byte: int,
+              axis_sizes: Mapping[str, int], what: str) -> PartitionSpec:
+  """The spec of flat (bitsandbytes-layout) buffers of an ``n``-element tensor placed by
+  ``spec``: only a split of the leading axis maps onto contiguous ranges, and each shard
+  must hold whole blocks (and whole bytes, ``per_byte`` codes a byte).
+
+  Raises:
+    ValueError: naming the spec and the sizes when it does not fit.
+  """
+  entries = list(spec)
+  if not entries or all(e is None for e in entries):
+    return PartitionSpec()
+  if any(e is not None for e in entries[1:]):
+    raise ValueError(f"{what}: flat (bitsandbytes-layout) codes can only be split along the "
+                     f"leading axis, not as {spec}; use the row layout (.rows())")
+  k = mesh_entry_size(axis_sizes, entries[0])
+  if n % k or (n // k) % block_size or (n // k) % per_byte:
+    raise ValueError(f"{what}: {n} elements in blocks of {block_size} do not split into {k} "
+                     f"shards of whole blocks along {entries[0]!r}")
+  return PartitionSpec(entries[0])
+
+
+def spec_of(*entries) -> PartitionSpec:
+  """``PartitionSpec(*entries)``, or ``PartitionSpec()`` when every entry is ``None``."""
+  return PartitionSpec(*entries) if any(e is not None for e in entries) else PartitionSpec()
 
 
 def check_block_size(block_size: int, what: str = "block_size") -> int:
@@ -133,8 +215,10 @@ class Blockwise8(StoredSizes):
   """8-bit dynamic blockwise codes of a tensor: a pytree node.
 
   Attributes:
-    codes: uint8 ``[n]``, indices into :data:`codebooks.DYNAMIC8_CODE`.
-    absmax: float32 ``[ceil(n / block_size)]``.
+    codes: uint8 ``[n]``, indices into :data:`codebooks.DYNAMIC8_CODE` (row layout:
+      shaped like the tensor).
+    absmax: float32 ``[ceil(n / block_size)]`` (row layout, when blocks tile the rows:
+      ``[..., last / block_size]``).
     shape, dtype: the encoded tensor's shape and dtype (static).
     block_size: elements per block (a power of two).
     rounding: ``"bnb_cpu"`` or ``"nearest"`` (how values were coded; decoding is the same).
@@ -168,21 +252,89 @@ class Blockwise8(StoredSizes):
     return cls(codes=code_index(z, "dynamic8", rounding), absmax=absmax, shape=tuple(x.shape),
                dtype=dtype, block_size=block_size, rounding=rounding)
 
+  # -- layouts
+  @property
+  def row_layout(self) -> bool:
+    """Whether the codes are stored shaped like the tensor (:meth:`rows`), not flat."""
+    return len(self.shape) >= 2 and self.codes.ndim == len(self.shape)
+
+  def rows(self) -> "Blockwise8":
+    """The row layout (module docstring): the same bytes, ``codes`` shaped like the tensor,
+    ``absmax [..., last / block]`` when the blocks tile the rows. Tensors of < 2 dims
+    (and a row-layout codec) are returned unchanged."""
+    if len(self.shape) < 2 or self.row_layout:
+      return self
+    rb = row_blocks_shape(self.shape, self.block_size)
+    return Blockwise8(codes=self.codes.reshape(self.shape),
+                      absmax=self.absmax if rb is None else self.absmax.reshape(rb), shape=self.shape,
+                      dtype=self.dtype, block_size=self.block_size, rounding=self.rounding)
+
+  def flat(self) -> "Blockwise8":
+    """bitsandbytes' flat layout (what :meth:`encode` returns)."""
+    return Blockwise8(codes=self.codes.reshape(-1), absmax=self.absmax.reshape(-1), shape=self.shape,
+                      dtype=self.dtype, block_size=self.block_size, rounding=self.rounding)
+
+  def reshaped(self, shape: tuple[int, ...]) -> "Blockwise8":
+    """The same codes as the encoding of a tensor of ``shape`` (same size, row-major: the
+    flat order, and so the blocks, are unchanged), in the flat layout."""
+    if math.prod(shape) != self.size:
+      raise ValueError(f"Blockwise8: cannot view a tensor of shape {self.shape} as {tuple(shape)}")
+    return Blockwise8(codes=self.codes.reshape(-1), absmax=self.absmax.reshape(-1), shape=tuple(shape),
+                      dtype=self.dtype, block_size=self.block_size, rounding=self.rounding)
+
+  def buffer_specs(self, spec: PartitionSpec, axis_sizes: Mapping[str, int]) -> "Blockwise8":
+    """``PartitionSpec`` per buffer for a tensor placed by ``spec`` (a ``Blockwise8`` of
+    specs, the argument :func:`jax.device_put` takes with a mesh).
+
+    Row layout: ``codes`` take ``spec``; ``absmax`` too when the blocks tile the rows
+    (:func:`block_spec`), else it is replicated. Flat layout: a spec splitting only the
+    leading axis maps onto contiguous ranges of whole blocks; others raise.
+
+    Raises:
+      ValueError: ``spec`` does not fit the flat buffers (call :meth:`rows` first).
+    """
+    if self.row_layout:
+      rb = row_blocks_shape(self.shape, self.block_size)
+      return Blockwise8(codes=spec, absmax=block_spec(spec, rb if self.absmax.ndim > 1 else None,
+                                                      axis_sizes),
+                        shape=self.shape, dtype=self.dtype, block_size=self.block_size,
+                        rounding=self.rounding)
+    big = flat_spec(spec, self.size, self.block_size, 1, axis_sizes, "Blockwise8")
+    return Blockwise8(codes=big, absmax=big, shape=self.shape, dtype=self.dtype,
+                      block_size=self.block_size, rounding=self.rounding)
+
   def validate(self) -> None:
     n = int(np.prod(self.shape))
+    rb = row_blocks_shape(self.shape, self.block_size)
+    if self.row_layout:
+      want = rb or (num_blocks_of(n, self.block_size),)
+      if tuple(self.codes.shape) != tuple(self.shape) or tuple(self.absmax.shape) != want:
+        raise ValueError(f"Blockwise8: codes {tuple(self.codes.shape)} and absmax "
+                         f"{tuple(self.absmax.shape)} but shape {self.shape} with block "
+                         f"{self.block_size} in the row layout needs {tuple(self.shape)} and {want}")
+      return
     if tuple(self.codes.shape) != (n,):
       raise ValueError(f"Blockwise8: codes have shape {tuple(self.codes.shape)} but shape "
-                       f"{self.shape} needs ({n},)")
+                       f"{self.shape} needs ({n},) (flat) or {tuple(self.shape)} (rows)")
     nb = num_blocks_of(n, self.block_size)
     if tuple(self.absmax.shape) != (nb,):
       raise ValueError(f"Blockwise8: absmax has shape {tuple(self.absmax.shape)} but shape "
                        f"{self.shape} with block {self.block_size} needs ({nb},)")
 
+  def element_absmax(self) -> jax.Array:
+    """float32 absmax of each element's block, laid out like ``codes``."""
+    if self.row_layout:
+      return expand_blocks(self.absmax, self.shape, self.block_size)
+    return jnp.repeat(self.absmax, self.block_size)[: self.size]
+
   def decode_float32(self) -> jax.Array:
-    """Flat float32 ``code[q] * absmax[block]`` (length ``n``)."""
+    """float32 ``code[q] * absmax[block]``, laid out like ``codes`` (flat: length ``n``;
+    row layout: the tensor's shape)."""
     self.validate()
-    n = self.codes.shape[0]
     vals = jnp.asarray(codebooks.DYNAMIC8_CODE)[self.codes.astype(jnp.int32)]
+    if self.row_layout:
+      return vals * expand_blocks(self.absmax, self.shape, self.block_size)
+    n = self.codes.shape[0]
     out = to_blocks(vals, self.block_size) * self.absmax[:, None]
     return out.reshape(-1)[:n]
 
@@ -195,8 +347,7 @@ class Blockwise8(StoredSizes):
     """float32 bound on ``|decode() - x|`` per element, for ``x`` the encoded tensor:
     ``max_rounding_error("dynamic8", rounding) * absmax`` of the element's block."""
     e = codebooks.max_rounding_error("dynamic8", self.rounding)
-    per_block = jnp.float32(e) * self.absmax
-    return jnp.repeat(per_block, self.block_size)[: self.size].reshape(self.shape)
+    return (jnp.float32(e) * self.element_absmax()).reshape(self.shape)
 
 
 def blockwise8_encode(x: jax.Array, block_size: int = 256, rounding: str = "bnb_cpu") -> Blockwise8:

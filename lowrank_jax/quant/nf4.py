@@ -22,6 +22,15 @@ Note on layout: bitsandbytes quantizes a torch ``nn.Linear.weight`` ``[out, in]`
 Flax kernel is ``[in, out]``, so the same weight has its blocks along another axis.
 A bnb checkpoint loads as ``Quant4`` of ``W.T`` (decode, then transpose).
 
+Row layout (for sharding): :meth:`Quant4.rows` keeps the same bytes but stores them per
+row of the last axis, ``packed [..., last / 2]`` and, when ``block_size`` divides the
+last axis, the per-block buffers (absmax or its 8-bit codes, the ICQ shift)
+``[..., last / block_size]`` (else they stay flat and are replicated). A spec on the
+tensor, ``P("fsdp", "tensor")``, then applies to the codes and their scales
+(:meth:`Quant4.buffer_specs`): an FSDP-sharded weight's codes are gathered (4.13 bits a
+parameter) instead of its decoded values, a tensor-parallel one decodes its own columns.
+:meth:`Quant4.flat` returns bitsandbytes' layout (the import/export boundary).
+
     q = Quant4.encode(w, block_size=64, double_quant=True, quant_type="nf4")
     w_hat = q.decode(jnp.bfloat16)
     q.nbytes, q.bits_per_param     # from the real buffers
@@ -35,12 +44,14 @@ from typing import Any, Optional, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 
 from lowrank_jax import lazy
 from lowrank_jax.quant import calibration, codebooks
-from lowrank_jax.quant.blockwise import (Blockwise8, block_absmax, check_block_size,
-                                         check_float_input, code_index, normalize_blocks,
-                                         num_blocks_of, to_blocks)
+from lowrank_jax.quant.blockwise import (Blockwise8, block_absmax, block_spec, check_block_size,
+                                         check_float_input, code_index, expand_blocks, flat_spec,
+                                         mesh_entry_size, normalize_blocks, num_blocks_of,
+                                         row_blocks_shape, to_blocks)
 from lowrank_jax.quant.sizes import StoredSizes
 
 __all__ = [
@@ -50,6 +61,7 @@ __all__ = [
   "mean_torch_order",
   "pack_nibbles",
   "unpack_nibbles",
+  "unpack_rows",
 ]
 
 QUANT_TYPES = ("nf4", "fp4")
@@ -64,6 +76,11 @@ def pack_nibbles(codes: jax.Array) -> jax.Array:
     codes = jnp.pad(codes, (0, 1))
   pairs = codes.reshape(-1, 2)
   return (pairs[:, 0] << 4) | pairs[:, 1]
+
+
+def unpack_rows(packed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Row-layout bytes ``[..., last / 2]`` -> codes of ``shape`` (high nibble first)."""
+  return jnp.stack([packed >> 4, packed & 0xF], axis=-1).reshape(shape)
 
 
 def unpack_nibbles(packed: jax.Array, n: int) -> jax.Array:
@@ -160,9 +177,11 @@ class Quant4(StoredSizes):
   """A tensor in 4-bit NF4/FP4 codes with (optionally double-quantized) block absmax.
 
   Attributes:
-    packed: uint8 ``[ceil(n / 2)]``, two codes a byte, first element high nibble.
+    packed: uint8 ``[ceil(n / 2)]``, two codes a byte, first element high nibble (row
+      layout, :meth:`rows`: ``[..., last / 2]``).
     absmax: float32 ``[ceil(n / block_size)]``, or a :class:`Blockwise8` of
-      ``absmax - offset`` when double-quantized.
+      ``absmax - offset`` when double-quantized (row layout: ``[..., last / block_size]``
+      when the blocks tile the rows).
     offset: float32 scalar ``μ`` (double quantization) or ``None``.
     shift: optional per-block shift ``τ`` added after decoding (IR-QLoRA's
       information calibration, :mod:`calibration`; ``None`` for plain NF4): a float array
@@ -256,29 +275,119 @@ class Quant4(StoredSizes):
       raise ValueError(f"{self.quant_type}: cannot decode a tensor of shape {tuple(self.shape)} "
                        f"as shape {tuple(shape)}")
     n = self.size
-    if tuple(self.packed.shape) != ((n + 1) // 2,):
+    want_packed = (tuple(self.shape[:-1]) + (self.shape[-1] // 2,) if self.row_layout
+                   else ((n + 1) // 2,))
+    if tuple(self.packed.shape) != want_packed:
       raise ValueError(f"{self.quant_type}: packed codes have shape {tuple(self.packed.shape)} but "
-                       f"shape {self.shape} needs ({(n + 1) // 2},) bytes")
-    nb = self.num_blocks
-    am_shape = tuple(self.absmax.shape) if not self.double_quant else (self.absmax.size,)
-    if am_shape != (nb,):
-      raise ValueError(f"{self.quant_type}: absmax has shape {am_shape} but shape {self.shape} "
-                       f"with block {self.block_size} needs ({nb},)")
-    if self.double_quant:
-      self.absmax.validate()
-    if self.shift is not None:
-      sh_shape = (self.shift.size,) if isinstance(self.shift, Blockwise8) else tuple(self.shift.shape)
-      if sh_shape != (nb,):
-        raise ValueError(f"{self.quant_type}: shift has shape {sh_shape} but shape {self.shape} "
-                         f"with block {self.block_size} needs ({nb},)")
-      if isinstance(self.shift, Blockwise8):
-        self.shift.validate()
+                       f"shape {self.shape} needs {want_packed} bytes")
+    for what, buf in (("absmax", self.absmax), ("shift", self.shift)):
+      if buf is None:
+        continue
+      got = tuple(buf.shape) if not isinstance(buf, Blockwise8) else (
+          tuple(buf.shape) if self.row_layout else (buf.size,))
+      if got != self._block_shape():
+        raise ValueError(f"{self.quant_type}: {what} has shape {got} but shape {self.shape} "
+                         f"with block {self.block_size} needs {self._block_shape()}")
+      if isinstance(buf, Blockwise8):
+        buf.validate()
     if jnp.dtype(self.dtype) not in (jnp.float32, jnp.bfloat16, jnp.float16):
       raise TypeError(f"{self.quant_type}: unsupported dtype {self.dtype}")
 
+  # -- layouts
+  @property
+  def row_layout(self) -> bool:
+    """Whether the buffers are stored per row (:meth:`rows`), not flat (bitsandbytes')."""
+    return len(self.shape) >= 2 and self.packed.ndim == len(self.shape)
+
+  def _row_blocks(self) -> Optional[tuple[int, ...]]:
+    return row_blocks_shape(self.shape, self.block_size) if self.row_layout else None
+
+  def _block_shape(self) -> tuple[int, ...]:
+    """Shape of the per-block buffers in the current layout."""
+    return self._row_blocks() or (self.num_blocks,)
+
+  def _with_buffers(self, packed, per_block) -> "Quant4":
+    return Quant4(packed=packed, absmax=per_block(self.absmax), offset=self.offset,
+                  shift=None if self.shift is None else per_block(self.shift), shape=self.shape,
+                  dtype=self.dtype, block_size=self.block_size, quant_type=self.quant_type)
+
+  def rows(self) -> "Quant4":
+    """The row layout (module docstring): the same bytes, ``packed [..., last / 2]`` and the
+    per-block buffers ``[..., last / block_size]`` when the blocks tile the rows. A
+    tensor of < 2 dims or with an odd last axis (a byte would span two rows) is
+    returned unchanged, as is a row-layout one."""
+    if len(self.shape) < 2 or self.shape[-1] % 2 or self.row_layout:
+      return self
+    rb = row_blocks_shape(self.shape, self.block_size)
+
+    def per_block(buf):
+      if rb is None:
+        return buf
+      if isinstance(buf, Blockwise8):
+        return buf.reshaped(rb).rows()
+      return buf.reshape(rb)
+
+    return self._with_buffers(self.packed.reshape(tuple(self.shape[:-1]) + (self.shape[-1] // 2,)),
+                              per_block)
+
+  def flat(self) -> "Quant4":
+    """bitsandbytes' flat layout (what :meth:`encode` returns): the export boundary."""
+    nb = self.num_blocks
+
+    def per_block(buf):
+      if isinstance(buf, Blockwise8):
+        return buf.reshaped((nb,))
+      return buf.reshape(-1)
+
+    return self._with_buffers(self.packed.reshape(-1), per_block)
+
+  def buffer_specs(self, spec, axis_sizes) -> "Quant4":
+    """``PartitionSpec`` per buffer for a tensor placed by ``spec`` (a ``Quant4`` of specs,
+    the argument :func:`jax.device_put` takes with a mesh).
+
+    Row layout: ``packed`` takes ``spec``; the per-block buffers take it too when the
+    blocks tile the rows (their last entry dropped if it does not divide the blocks),
+    the second-level scales and ``offset`` are replicated. Flat layout: only a split of
+    the leading axis into whole blocks fits.
+
+    Raises:
+      ValueError: ``spec`` does not fit (an odd number of bytes per shard of the last
+        axis; a flat layout split along another axis: call :meth:`rows` first).
+    """
+    if not self.row_layout:
+      big = flat_spec(spec, self.size, self.block_size, 2, axis_sizes, self.quant_type)
+      packed = big
+
+      def per_block(buf):
+        if isinstance(buf, Blockwise8):
+          return Blockwise8(codes=big, absmax=PartitionSpec(), shape=buf.shape, dtype=buf.dtype,
+                            block_size=buf.block_size, rounding=buf.rounding)
+        return big
+    else:
+      entries = list(spec) + [None] * (len(self.shape) - len(spec))
+      k = mesh_entry_size(axis_sizes, entries[-1])
+      if (self.shape[-1] // 2) % k:
+        raise ValueError(f"{self.quant_type}: the last axis ({self.shape[-1]}, "
+                         f"{self.shape[-1] // 2} bytes) does not split into {k} shards of whole "
+                         f"bytes along {entries[-1]!r}")
+      packed = spec
+      rb = self._row_blocks()
+
+      def per_block(buf):
+        if isinstance(buf, Blockwise8):
+          return (buf.buffer_specs(block_spec(spec, rb, axis_sizes), axis_sizes) if rb is not None
+                  else Blockwise8(codes=PartitionSpec(), absmax=PartitionSpec(), shape=buf.shape,
+                                  dtype=buf.dtype, block_size=buf.block_size, rounding=buf.rounding))
+        return block_spec(spec, rb, axis_sizes)
+    return Quant4(packed=packed, absmax=per_block(self.absmax),
+                  offset=None if self.offset is None else PartitionSpec(),
+                  shift=None if self.shift is None else per_block(self.shift), shape=self.shape,
+                  dtype=self.dtype, block_size=self.block_size, quant_type=self.quant_type)
+
   # -- decoding
   def block_scales(self) -> jax.Array:
-    """float32 absmax per block (dequantized when double-quantized)."""
+    """float32 absmax per block (dequantized when double-quantized), laid out like the
+    per-block buffers (flat ``[num_blocks]`` or ``[..., last / block_size]``)."""
     if self.double_quant:
       return _no_fma(self.absmax.decode_float32()) + self.offset
     return self.absmax
@@ -295,6 +404,12 @@ class Quant4(StoredSizes):
     """float32 values ``c[q] * m_b (+ τ_b)``, shaped like the tensor."""
     self.validate()
     n = self.size
+    if self.row_layout:  # per element, without reshaping the (possibly sharded) axes
+      vals = jnp.asarray(self.code)[unpack_rows(self.packed, self.shape).astype(jnp.int32)]
+      out = vals * expand_blocks(self.block_scales(), self.shape, self.block_size)
+      if self.shift is not None:
+        out = _no_fma(out) + _no_fma(expand_blocks(self.block_shifts(), self.shape, self.block_size))
+      return out
     vals = jnp.asarray(self.code)[unpack_nibbles(self.packed, n).astype(jnp.int32)]
     out = to_blocks(vals, self.block_size) * self.block_scales()[:, None]
     if self.shift is not None:
@@ -329,10 +444,12 @@ class Quant4(StoredSizes):
     m_hat = self.block_scales()
     if self.double_quant:
       e8 = codebooks.max_rounding_error("dynamic8", self.absmax.rounding)
-      d = jnp.float32(e8) * jnp.repeat(self.absmax.absmax, self.absmax.block_size)[: self.num_blocks]
+      d = jnp.float32(e8) * self.absmax.element_absmax().reshape(m_hat.shape)
     else:
       d = jnp.zeros_like(m_hat)
     per_block = jnp.float32(e4) * (m_hat + d) + d
+    if self.row_layout:
+      return expand_blocks(per_block, self.shape, self.block_size)
     return jnp.repeat(per_block, self.block_size)[: self.size].reshape(self.shape)
 
   # -- sizes: ``size``, ``nbytes`` and ``bits_per_param`` from the real buffers (codes, absmax
@@ -345,14 +462,13 @@ class Quant4(StoredSizes):
     second-level scales and offset replicated. Decoding a leaf placed with it
     needs no communication when each shard holds whole blocks (e.g. rows of a
     matrix whose row length is a multiple of ``block_size``)."""
-    from jax.sharding import PartitionSpec as P
-    big = P(axis)
+    big = PartitionSpec(axis)
     def per_block(buf):  # a per-block buffer, plain or 8-bit coded (second-level scales replicated)
       if isinstance(buf, Blockwise8):
-        return Blockwise8(codes=big, absmax=P(), shape=buf.shape, dtype=buf.dtype,
+        return Blockwise8(codes=big, absmax=PartitionSpec(), shape=buf.shape, dtype=buf.dtype,
                           block_size=buf.block_size, rounding=buf.rounding)
       return big
-    return Quant4(packed=big, absmax=per_block(self.absmax), offset=None if self.offset is None else P(),
+    return Quant4(packed=big, absmax=per_block(self.absmax), offset=None if self.offset is None else PartitionSpec(),
                   shift=None if self.shift is None else per_block(self.shift), shape=self.shape, dtype=self.dtype,
                   block_size=self.block_size, quant_type=self.quant_type)
 

@@ -17,6 +17,11 @@ multiplies, the backward *re-decodes* and returns ``dx = g · decode(W)^T`` only
 frozen weight gets no gradient), so the residuals kept for the backward pass are
 the 4-bit codes, never the dense weight.
 
+On a mesh (:mod:`lowrank_jax.sharding`) the codec is stored in its row layout, its
+buffers split like the weight; with a ``compute_sharding`` (FSDP) the codes are
+all-gathered to it inside the matmul, forward and again backward, and decoded there:
+the 4-bit codes travel, never the decoded weight.
+
     theta_q = quantize(theta0, r"(q|k|v|o)_proj/kernel", codec="nf4")
     reparam = lowrank_jax.lora(r"(q|v)_proj/kernel", rank=16)
     phi = reparam.init(key, theta_q)
@@ -25,6 +30,7 @@ the 4-bit codes, never the dense weight.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any, Callable, Union
@@ -32,12 +38,13 @@ from typing import Any, Callable, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from lowrank_jax import lazy, tree as tree_lib
 from lowrank_jax.quant import codecs
 from lowrank_jax.quant.blockwise import check_float_input
 
-__all__ = ["QuantizedWeight", "quantize", "dequantize", "quantized_bytes", "encode_leaf"]
+__all__ = ["QuantizedWeight", "quantize", "dequantize", "quantized_bytes", "encode_leaf", "buffer_specs"]
 
 CodecArg = Union[str, Callable[[jax.Array, str], Any]]
 
@@ -50,20 +57,33 @@ def _zero_cotangent(tree):
   return jax.tree.map(z, tree)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _decode_matmul(x: jax.Array, q: Any, compute_dtype) -> jax.Array:
-  w = q.decode(compute_dtype)
+def _at_compute(q: Any, compute_sharding) -> Any:
+  """``q`` constrained to the placement its weight has inside the matmul (``None``: as
+  placed): under FSDP the codes are gathered here, and decoded locally after."""
+  if compute_sharding is None:
+    return q
+  mesh = compute_sharding.mesh
+  specs = buffer_specs(q, compute_sharding.spec, dict(mesh.shape))
+  return jax.lax.with_sharding_constraint(
+      q, jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=_is_spec))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _decode_matmul(x: jax.Array, q: Any, compute_dtype, compute_sharding=None) -> jax.Array:
+  w = _at_compute(q, compute_sharding).decode(compute_dtype)
   return jnp.matmul(x.astype(compute_dtype), w).astype(x.dtype)
 
 
-def _decode_matmul_fwd(x, q, compute_dtype):
-  # residuals: the codes (4-bit) and a scalar carrying x's dtype; no dense weight
-  return _decode_matmul(x, q, compute_dtype), (q, jnp.zeros((), x.dtype))
+def _decode_matmul_fwd(x, q, compute_dtype, compute_sharding):
+  # residuals: the codes (4-bit, as placed) and a scalar carrying x's dtype; no dense weight
+  return _decode_matmul(x, q, compute_dtype, compute_sharding), (q, jnp.zeros((), x.dtype))
 
 
-def _decode_matmul_bwd(compute_dtype, res, g):
+def _decode_matmul_bwd(compute_dtype, compute_sharding, res, g):
   q, x0 = res
-  w = q.decode(compute_dtype)                     # recomputed, not saved
+  if compute_sharding is not None:  # tie the codes to g: the backward gathers them again
+    q, g = jax.lax.optimization_barrier((q, g))  # (XLA would reuse the forward's gather,
+  w = _at_compute(q, compute_sharding).decode(compute_dtype)  # keeping every layer's alive)
   dx = jnp.matmul(g.astype(compute_dtype), w.T).astype(x0.dtype)
   return dx, _zero_cotangent(q)
 
@@ -71,7 +91,23 @@ def _decode_matmul_bwd(compute_dtype, res, g):
 _decode_matmul.defvjp(_decode_matmul_fwd, _decode_matmul_bwd)
 
 
-@lazy.pytree_dataclass(static=("compute_dtype",))
+def _is_spec(x) -> bool:
+  return isinstance(x, PartitionSpec)
+
+
+def buffer_specs(q: Any, spec: PartitionSpec, axis_sizes) -> Any:
+  """``PartitionSpec`` per buffer of codec ``q`` for its tensor placed by ``spec``: the
+  codec's own ``buffer_specs`` (4-bit and 8-bit blockwise codecs), else ``spec`` for
+  every buffer shaped like the tensor (affine codes ``[in, out]``) and replication for
+  the rest."""
+  own = getattr(q, "buffer_specs", None)
+  if own is not None:
+    return own(spec, axis_sizes)
+  shape = tuple(q.shape)
+  return jax.tree.map(lambda b: spec if tuple(b.shape) == shape else PartitionSpec(), q)
+
+
+@lazy.pytree_dataclass(static=("compute_dtype", "compute_sharding"))
 class QuantizedWeight(lazy.LazyWeight):
   """A frozen weight stored by a codec; decoded only inside :meth:`matmul`.
 
@@ -79,9 +115,14 @@ class QuantizedWeight(lazy.LazyWeight):
     q: the codec (:class:`~lowrank_jax.quant.codecs.Codec`: ``shape``, ``dtype``,
       ``decode(dtype)``, ``nbytes``...).
     compute_dtype: dtype of the decoded block and the matmul (default: the input's).
+    compute_sharding: ``NamedSharding`` of the weight inside the matmul, or ``None``
+      (decode where placed). Set by :func:`lowrank_jax.sharding.shard` for FSDP: the
+      codes are gathered to it before decoding, so the 4-bit codes travel, not the
+      decoded weight.
   """
   q: Any
   compute_dtype: Any = None
+  compute_sharding: Any = None
 
   @property
   def shape(self):
@@ -104,7 +145,22 @@ class QuantizedWeight(lazy.LazyWeight):
 
   def matrix_matmul(self, x: jax.Array) -> jax.Array:
     cdt = jnp.dtype(self.compute_dtype if self.compute_dtype is not None else x.dtype)
-    return _decode_matmul(x, self.q, cdt)
+    return _decode_matmul(x, self.q, cdt, self.compute_sharding)
+
+  # -- placement (lowrank_jax.sharding)
+  def for_sharding(self) -> "QuantizedWeight":
+    """The codec in its row layout (``Quant4.rows``, ``Blockwise8.rows``) where it has one,
+    so that any spec of the weight applies to the codes."""
+    rows = getattr(self.q, "rows", None)
+    return self if rows is None else dataclasses.replace(self, q=rows())
+
+  def buffer_specs(self, spec: PartitionSpec, axis_sizes) -> "QuantizedWeight":
+    """A ``QuantizedWeight`` of ``PartitionSpec`` s for the weight placed by ``spec``."""
+    return dataclasses.replace(self, q=buffer_specs(self.q, spec, axis_sizes))
+
+  def with_compute_sharding(self, compute_sharding) -> "QuantizedWeight":
+    """The same weight, gathered to ``compute_sharding`` inside its matmul."""
+    return dataclasses.replace(self, compute_sharding=compute_sharding)
 
 
 def encode_leaf(x: jax.Array, path: str = "", codec: CodecArg = "nf4", block_size: int = 64,
