@@ -423,3 +423,38 @@ def test_qlora_step_on_a_mesh_moves_codes_not_decoded_weights(layout):
     assert 128 * 128 * 1.0 <= u8 <= 2 * 2 * 128 * 128 * 1.1, u8
   else:
     assert not [o for o in gathers if o.dtype == "u8"], gathers
+
+
+@needs_8
+def test_gather_at_use_dense_fsdp_step():
+  """Dense kernels under FSDP with gather_at_use: each kernel is all-gathered inside its
+  matmul (forward, and again backward where its input gradient is needed), nothing else
+  is moved but the adapter gradients' all-reduce; the step equals the unsharded one."""
+  from bench import collectives
+  k = jax.random.split(jax.random.key(0), 4)
+  theta0 = {"l1": {"kernel": jax.random.normal(k[0], (128, 256)) / 8, "bias": jnp.zeros(256)},
+            "l2": {"kernel": jax.random.normal(k[1], (256, 128)) / 8, "bias": jnp.zeros(128)}}
+  batch = {"x": jax.random.normal(k[2], (64, 128)), "y": jax.random.randint(k[3], (64,), 0, 128)}
+  reparam = lj.lora(r"kernel", rank=4, alpha=8)
+  phi = jax.tree.map(lambda a: a + 0.01, reparam.init(jax.random.key(1), theta0))
+  opt = optax.sgd(0.1)
+  raw = train.make_train_step(reparam, opt, _loss, donate=False, jit=False)
+  ref = jax.jit(raw)(phi, opt.init(phi), theta0, batch, None)
+  mesh = sharding.make_mesh("fsdp:8")
+  specs = sharding.partition_specs(theta0, [(r"kernel", P("fsdp"))], mesh)
+  t0 = sharding.gather_at_use(sharding.shard(theta0, specs, mesh), specs, mesh)
+  w = t0["l1"]["kernel"]
+  assert isinstance(w, sharding.GatherAtUse) and w.compute_sharding == NamedSharding(mesh, P())
+  assert t0["l1"]["bias"] is not None and not lj.lazy.is_lazy(t0["l1"]["bias"])
+  np.testing.assert_array_equal(np.asarray(w.materialize()), np.asarray(theta0["l1"]["kernel"]))
+  pspecs = sharding.phi_specs(phi, theta0, specs)
+  assert pspecs["l1"]["kernel"] == {"a": P(), "b": P()}  # small factors stay off the fsdp axis
+  sphi = sharding.shard(phi, pspecs, mesh)
+  args = (sphi, sharding.like(opt.init(sphi), sphi, pspecs, mesh), t0,
+          sharding.shard(batch, {"x": P("fsdp"), "y": P("fsdp")}, mesh), None)
+  step = sharding.jit_train_step(raw, donate=False)
+  out = step(*args)
+  chex.assert_trees_all_close(out[0], ref[0], atol=1e-5, rtol=1e-5)
+  s = collectives.summarize(collectives.parse_collectives(step.lower(*args).compile().as_text()))
+  assert s["all-gather"]["count"] == 3 and s["all-gather"]["bytes"] == 3 * 128 * 256 * 4
+  assert s["all-to-all"]["count"] == s["collective-permute"]["count"] == 0
