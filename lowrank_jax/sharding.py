@@ -488,13 +488,31 @@ def shard(tree: PyTree, specs: PyTree, mesh: Mesh, *,
   axes) inside its matmul: the 4-bit codes are all-gathered, then decoded locally
   (``compute_sharding``), never the decoded weight. Dense leaves are left to the
   partitioner (see :func:`gather_at_use` for the same on them).
+
+  With several processes every leaf must be the global value (the same on every
+  process); a process's share of a batch goes through
+  :func:`lowrank_jax.distributed.host_local_batch_to_global`.
   """
   tree = _prepared(tree)
-  shardings = named_shardings(tree, specs, mesh)
-  placed = jax.tree.map(lambda x, s: None if x is None else jax.device_put(x, s), tree, shardings,
-                        is_leaf=_is_leaf)
+  treedef = jax.tree_util.tree_structure(tree, is_leaf=_is_leaf)
+  shardings = treedef.flatten_up_to(named_shardings(tree, specs, mesh))
+  placed = jax.tree_util.tree_unflatten(treedef, [
+      None if x is None else _put(path, x, sh) for (path, x), sh in zip(_items(tree), shardings)])
   return gather_at_use(placed, specs, mesh, where=lambda p, x: hasattr(x, "with_compute_sharding"),
                        axes=gather_axes)
+
+
+def _put(path: str, x, sharding):
+  try:
+    return jax.device_put(x, sharding)
+  except (AssertionError, ValueError) as e:
+    if jax.process_count() == 1:
+      raise
+    why = str(e).split(". Expected")[0].split("\n")[0][:200]
+    raise ValueError(f"leaf '{path}' of shape {tuple(x.shape)}: cannot place it on a mesh spanning "
+                     f"{jax.process_count()} processes ({why}). shard() takes the *global* value, the "
+                     f"same on every process; per-process rows (a data loader's share of the batch) "
+                     f"go through lowrank_jax.distributed.host_local_batch_to_global") from e
 
 
 def shape_structs(tree: PyTree, specs: PyTree, mesh: Mesh) -> PyTree:

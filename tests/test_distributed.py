@@ -143,6 +143,11 @@ def _worker(port: int, pid: int, folder: str) -> None:
   full = np.arange(16 * 3, dtype=np.float32).reshape(16, 3)
   g = distributed.host_local_batch_to_global({"x": full[rows]}, mesh, P("fsdp"))
   total = float(jax.jit(lambda b: jnp.sum(b["x"] * jnp.arange(16.0)[:, None]))(g))
+  try:  # shard() takes global values: a process's rows are refused with a pointer
+    sharding.shard({"x": full[rows]}, {"x": P("fsdp")}, mesh)
+    shard_err = ""
+  except ValueError as e:
+    shard_err = str(e)
   # checkpoint: save, overwrite twice, restore on the same 8 devices
   path = os.path.join(folder, "ckpt")
   checkpoint.save(path, place(_phi(0.0)), step=0, metadata={"pid_count": 2})
@@ -158,7 +163,7 @@ def _worker(port: int, pid: int, folder: str) -> None:
   leftovers = sorted(os.listdir(folder))
   print(json.dumps({"pid": jax.process_index(), "rows": [rows.start, rows.stop], "total": total,
                     "step": r.step, "metadata": r.metadata, "shards_ok": ok, "leftovers": leftovers,
-                    "n_local": len(local["a"])}))
+                    "n_local": len(local["a"]), "shard_err": shard_err}))
   jax.distributed.shutdown()
 
 
@@ -174,6 +179,8 @@ def test_two_processes_data_and_checkpoint_overwrite(tmp_path):
   assert all(r["total"] == expected for r in res)
   assert all(r["step"] == 2 and r["metadata"] == {"rng": [1, 2]} and r["shards_ok"] for r in res)
   assert all(r["n_local"] == 4 for r in res)
+  assert all("not the same on each process" in r["shard_err"] and
+             "host_local_batch_to_global" in r["shard_err"] for r in res), res[0]["shard_err"]
   assert res[0]["leftovers"] == ["ckpt"]  # no staging or old folder left
   # written by 2 processes on 8 devices, restored by 1 process on 8, 2 and 1 device(s)
   for spec in ("fsdp:4,tensor:2", "fsdp:2", "fsdp:1"):
