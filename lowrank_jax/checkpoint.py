@@ -28,7 +28,9 @@ it writes a ``commit_success.txt`` marker instead). An interrupted save leaves n
 folder at ``path``. ``overwrite=True`` writes the new checkpoint beside the old one, in
 ``.<name>.staging`` (a name every process derives alike), then process 0 swaps the two
 (``path -> .<name>.old``, ``staging -> path``, delete ``.old``) between barriers, so a
-failed save keeps the old checkpoint (Orbax's own ``force=True`` deletes it first).
+failed save keeps the old checkpoint (Orbax's own ``force=True`` deletes it first); a
+crash between the two renames is completed by the next :func:`save` and named by
+:func:`restore`'s error.
 
 Many processes: every process calls :func:`save` / :func:`restore` with the same
 arguments (Orbax's collective save); file-system decisions are taken by process 0 and
@@ -94,6 +96,10 @@ def _rmtree(path: str) -> None:
   p = _epath(path)
   if p.exists():
     p.rmtree()
+
+
+def _rename(src: str, dst: str) -> None:
+  _epath(src).rename(dst)
 
 
 def _sibling(path: str, name: str) -> str:
@@ -190,6 +196,21 @@ def _check_json(value, where: str = "metadata") -> None:
 
 # ------------------------------------------------------------------------------ save
 
+def _swap_names(path: str) -> tuple[str, str]:
+  """The staging and old folders of an overwrite of ``path`` (the same on every process)."""
+  name = _epath(path).name
+  return _sibling(path, f".{name}.staging"), _sibling(path, f".{name}.old")
+
+
+def _finish_swap(path: str, staging: str, old: str) -> None:
+  """Completes an overwrite interrupted between its two renames (no ``path``, the old one
+  at ``old``): the staged checkpoint is complete once Orbax renamed it to ``staging``."""
+  if _exists(path) or not _exists(old):
+    return
+  _rename(staging if _exists(staging) else old, path)
+  _rmtree(old)
+
+
 def save(path: PathLike, phi: PyTree, opt_state: PyTree = None, *,
          step: Optional[int] = None, metadata: Optional[dict] = None, overwrite: bool = False) -> None:
   """Saves ``phi`` (+ ``opt_state``, ``step``, JSON ``metadata``) to the folder ``path``.
@@ -221,6 +242,10 @@ def save(path: PathLike, phi: PyTree, opt_state: PyTree = None, *,
           "leaves": {name: _describe(items) for name, items in parts.items()}}
   items = {name: _ocp().args.StandardSave(_nest(its, name)) for name, its in parts.items() if its}
   args = _ocp().args.Composite(meta=_ocp().args.JsonSave(meta), **items)
+  staging, old = _swap_names(path)
+  if _primary():
+    _finish_swap(path, staging, old)
+  _sync(f"recovered:{path}")
   exists = _agree(_exists(path))
   if exists and not overwrite:
     raise FileExistsError(f"checkpoint {path} exists; pass overwrite=True to replace it")
@@ -230,18 +255,16 @@ def save(path: PathLike, phi: PyTree, opt_state: PyTree = None, *,
     return
   # overwrite: write the new checkpoint beside the old one (atomically), then swap, so a
   # crash keeps one intact. The names are deterministic: every process must agree on them.
-  name = _epath(path).name
-  staging, old = _sibling(path, f".{name}.staging"), _sibling(path, f".{name}.old")
   if _primary():  # leftovers of an earlier failed overwrite
-    for p in _epath(path).parent.glob(f".{name}.staging*"):
+    for p in _epath(path).parent.glob(f".{_epath(path).name}.staging*"):
       p.rmtree()
     _rmtree(old)
   _sync(f"clean:{path}")
   _checkpointer().save(staging, args=args)
   _sync(f"staged:{path}")
   if _primary():
-    _epath(path).rename(old)
-    _epath(staging).rename(path)
+    _rename(path, old)
+    _rename(staging, path)
     _rmtree(old)
   _sync(f"swapped:{path}")
 
@@ -252,7 +275,10 @@ def read_metadata(path: PathLike) -> dict:
   """The JSON part of a checkpoint: ``{"format", "step", "metadata", "leaves"}``."""
   path = _resolve(path)
   if not _exists(path):
-    raise FileNotFoundError(f"no checkpoint at {path}")
+    staging, old = _swap_names(path)
+    hint = (f"; an overwrite was interrupted: {staging if _exists(staging) else old} holds a "
+            f"complete checkpoint (the next save completes the swap)") if _exists(old) else ""
+    raise FileNotFoundError(f"no checkpoint at {path}{hint}")
   meta = _checkpointer().restore(path, args=_ocp().args.Composite(meta=_ocp().args.JsonRestore()))["meta"]
   fmt = meta.get("format") if isinstance(meta, dict) else None
   if fmt != FORMAT:

@@ -250,3 +250,30 @@ def test_remote_paths_reach_orbax_unchanged(monkeypatch):
   assert seen == [("save", url), ("restore", url), ("restore", url)]
   assert r.step == 3
   assert ckpt._resolve("s3://b/x") == "s3://b/x" and ckpt._resolve("rel/x") == os.path.abspath("rel/x")
+
+
+def test_interrupted_swap_is_named_and_completed(tmp_path, monkeypatch):
+  """A crash between the overwrite's two renames leaves no checkpoint at the path: restore
+  says where the complete one is, and the next save completes the swap first."""
+  phi, _, _ = _setup()
+  ckpt.save(tmp_path / "c", phi, step=1)
+  real_rename, calls = ckpt._rename, []
+
+  def crash_on_second(src, dst):
+    calls.append(dst)
+    if len(calls) == 2:
+      raise RuntimeError("killed between the renames")
+    real_rename(src, dst)
+
+  monkeypatch.setattr(ckpt, "_rename", crash_on_second)
+  with pytest.raises(RuntimeError, match="between the renames"):
+    ckpt.save(tmp_path / "c", jax.tree.map(lambda x: x + 1, phi), step=2, overwrite=True)
+  monkeypatch.undo()
+  assert sorted(os.listdir(tmp_path)) == [".c.old", ".c.staging"]
+  with pytest.raises(FileNotFoundError, match=r"an overwrite was interrupted: .*\.c\.staging holds a complete"):
+    ckpt.restore(tmp_path / "c", phi)
+  ckpt.save(tmp_path / "c", jax.tree.map(lambda x: x + 2, phi), step=3, overwrite=True)
+  assert sorted(os.listdir(tmp_path)) == ["c"]
+  r = ckpt.restore(tmp_path / "c", phi)
+  assert r.step == 3
+  chex.assert_trees_all_equal(r.phi, jax.tree.map(lambda x: x + 2, phi))
