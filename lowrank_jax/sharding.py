@@ -83,6 +83,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lowrank_jax import lazy, tree as tree_lib
+from lowrank_jax.quant.blockwise import mesh_entry_size, spec_of
+from lowrank_jax.quant.qlora import buffer_specs
 
 PyTree = Any
 Rules = Sequence[tuple[str, P]]
@@ -155,16 +157,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 # ------------------------------------------------------------------------ spec checks
 
-def _norm(*entries) -> P:
-  """``P(*entries)``, or ``P()`` when every entry is ``None`` (``P(None, None) != P()``)."""
-  return P(*entries) if any(e is not None for e in entries) else P()
-
-
-def _axis_size(sizes: Mapping[str, int], entry) -> int:
-  if entry is None:
-    return 1
-  names = entry if isinstance(entry, tuple) else (entry,)
-  return int(np.prod([sizes[n] for n in names]))
+_norm = spec_of  # P(*entries), or P() when every entry is None (P(None, None) != P())
 
 
 def _problem(shape: tuple, spec: P, sizes: Mapping[str, int]) -> Optional[str]:
@@ -176,7 +169,7 @@ def _problem(shape: tuple, spec: P, sizes: Mapping[str, int]) -> Optional[str]:
     unknown = [n for n in names if n not in sizes]
     if unknown:
       return f"mesh has no axis {unknown[0]!r} (axes {dict(sizes)})"
-    size = _axis_size(sizes, entry)
+    size = mesh_entry_size(sizes, entry)
     if shape[ax] % size:
       return (f"axis {ax} ({shape[ax]}) is not divisible by mesh axis {entry!r} of size {size} "
               f"(mesh {dict(sizes)})")
@@ -240,14 +233,11 @@ def leaf_shardings(x: Any, spec: Any, mesh: Mesh, path: str = "", *,
   if not lazy.is_lazy(x):
     return named(spec)
   x = _shardable(x)
-  buffer_specs = getattr(x, "buffer_specs", None)
-  if buffer_specs is not None:
-    try:
-      specs = buffer_specs(spec, dict(mesh.shape))
-    except ValueError as e:
-      raise ValueError(f"leaf '{path}' of shape {shape} ({type(x).__name__}): {e}") from None
-    return jax.tree.map(named, specs, is_leaf=_is_spec)
-  return jax.tree.map(lambda b: named(spec if tuple(b.shape) == shape else P()), x)
+  try:
+    specs = buffer_specs(x, spec, dict(mesh.shape))
+  except ValueError as e:
+    raise ValueError(f"leaf '{path}' of shape {shape} ({type(x).__name__}): {e}") from None
+  return jax.tree.map(named, specs, is_leaf=_is_spec)
 
 
 # ------------------------------------------------------------------------------ rules
