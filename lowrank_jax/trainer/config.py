@@ -25,8 +25,10 @@ did-you-mean, a wrong type or value an error naming its key and file):
   (the classification head). ``quantize`` (:class:`QuantizeConfig`): store the frozen base
   by a codec first (QLoRA: ``lora`` on an ``nf4`` base). ``rank_allocator``: AdaLoRA's
   budget (:class:`RankAllocatorConfig`).
-* ``optimizer``, ``schedule``, ``training``, ``checkpointing``, ``mesh``, ``export``,
-  ``deploy``.
+* ``optimizer``, ``schedule``, ``training``, ``checkpointing``, ``export``, ``deploy``.
+* ``mesh`` (:class:`MeshConfig`): sharded training on a device mesh; ``distributed``
+  (:class:`DistributedSection`): joining a multi-process run. Neither changes the
+  arithmetic, so a run may resume with another mesh or process count.
 
 :func:`load_all` reads several files, applies ``--set key=value`` overrides (typed by the
 key: ``training.epochs=1``, ``methods.0.rank=16``, ``model.random.hidden_size=32``) and
@@ -47,6 +49,7 @@ from typing import Any, Literal, Optional, Sequence, Union
 import jax.numpy as jnp
 import numpy as np
 
+from lowrank_jax import distributed, sharding
 from lowrank_jax.data.docstrings import DEFAULT_PACKAGES
 from lowrank_jax.methods import registry
 from lowrank_jax.models import bert, decoder
@@ -58,7 +61,7 @@ from lowrank_jax.trainer.schema import (ConfigError, checked, coerce_text, did_y
 __all__ = [
   "ConfigError", "ModelConfig", "ClassificationData", "SFTData", "QuantizeConfig",
   "RankAllocatorConfig", "OptimizerConfig", "ScheduleConfig", "TrainingConfig",
-  "CheckpointConfig", "MeshConfig", "ExportConfig", "DeployConfig", "RunConfig",
+  "CheckpointConfig", "MeshConfig", "DistributedSection", "ExportConfig", "DeployConfig", "RunConfig",
   "from_dict", "to_dict", "load", "load_all", "apply_override", "TASKS",
 ]
 
@@ -259,12 +262,68 @@ class CheckpointConfig:
   keep: int = checked(3, *_positive)
 
 
+MeshAxes = Optional[Union[str, tuple[str, ...]]]  # one entry of a PartitionSpec
+
+
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  """Device mesh and sharding rules (filled in by :mod:`lowrank_jax.sharding`): ``mesh`` as
-  ``"data:2,fsdp:4"``, ``rules`` a named rule set. ``None``: one device."""
+  """Sharded training on a device mesh over every process's devices (:mod:`lowrank_jax.sharding`).
+
+  The frozen base is placed by the model family's rules (:func:`lowrank_jax.sharding.family_rules`:
+  Megatron column/row tensor parallelism, FSDP on the other dimension, experts split),
+  after the config's own ``rules``; adapters, quantized codes and optimizer state are placed
+  from their base weight's spec; the batch is split over ``batch``.
+
+  Attributes:
+    mesh: ``"name:size,..."``, e.g. ``"data:2,fsdp:2,tensor:2"`` (one size may be -1: the
+      rest of the devices); ``None``: one device, nothing sharded.
+    rules: ``[[regex, spec], ...]`` tried before the family's rules (first match wins,
+      ``re.search`` on paths like ``layers/layer_0/attention/q_proj/kernel``); a spec is a
+      list with an entry per array axis: ``null``, a mesh axis name or a list of names
+      (``[]``: replicated).
+    fsdp: the mesh axis that shards each weight's other dimension (ZeRO-3) and splits the
+      batch; default ``"fsdp"`` when the mesh has it.
+    tensor: the tensor-parallel axis; default ``"tensor"`` when the mesh has it.
+    expert: the axis that splits MoE experts; default ``"expert"`` when the mesh has it.
+    batch: the axes that split the batch (in mesh order); default the ``data`` and FSDP
+      axes the mesh has.
+    on_indivisible: a spec that does not divide its leaf: ``"replicate"`` the leaf (with a
+      warning naming it) or raise an ``"error"``.
+  """
   mesh: Optional[str] = None
-  rules: Optional[str] = None
+  rules: tuple[tuple[str, tuple[MeshAxes, ...]], ...] = ()
+  fsdp: Optional[str] = None
+  tensor: Optional[str] = None
+  expert: Optional[str] = None
+  batch: Optional[tuple[str, ...]] = None
+  on_indivisible: Literal["replicate", "error"] = "replicate"
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedSection:
+  """How the training process joins a multi-process run (:func:`lowrank_jax.distributed.initialize`).
+
+  Every field left ``null``: the command line (``--coordinator``, ``--num-processes``,
+  ``--process-id``), then ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` /
+  ``JAX_PROCESS_ID``, then the cluster ``jax.distributed`` detects (TPU pod, SLURM, Open
+  MPI, Kubernetes); none of these: a single process.
+
+  Attributes:
+    coordinator: ``host:port`` of process 0.
+    num_processes: the number of processes.
+    process_id: this process's index (usually from the command line or the environment).
+    local_device_ids: the devices this process drives (default: every visible one).
+    timeout_s: how long to wait for every process to join.
+  """
+  coordinator: Optional[str] = None
+  num_processes: Optional[int] = checked(None, *_positive)
+  process_id: Optional[int] = checked(None, *_non_negative)
+  local_device_ids: Optional[tuple[int, ...]] = None
+  timeout_s: int = checked(300, *_positive)
+
+  def __post_init__(self):
+    distributed.DistributedConfig(self.coordinator, self.num_processes, self.process_id,
+                                  self.local_device_ids, self.timeout_s)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -305,6 +364,7 @@ class RunConfig:
   training: TrainingConfig = TrainingConfig()
   checkpointing: CheckpointConfig = CheckpointConfig()
   mesh: MeshConfig = MeshConfig()
+  distributed: DistributedSection = DistributedSection()
   export: ExportConfig = ExportConfig()
   deploy: Optional[DeployConfig] = None
 
@@ -461,9 +521,47 @@ def validate(config: RunConfig, source: str = "<config>") -> None:
                  ("deploy.quantize", config.deploy.quantize if config.deploy else None)):
     if q is not None:
       _check_codec(q, source, key)
-  if config.mesh.mesh is not None or config.mesh.rules is not None:
-    raise _error(source, "mesh", "sharded training is not wired into the trainer yet (one device only); "
-                 "leave mesh and rules null")
+  _check_mesh(config.mesh, source)
+
+
+def mesh_axis_names(spec: str) -> tuple[str, ...]:
+  """The axis names of a mesh string (its syntax checked, not the device count)."""
+  known = 1
+  for part in spec.split(","):
+    size = part.partition(":")[2].strip()
+    known *= int(size) if size.isdigit() and int(size) > 0 else 1
+  return sharding.parse_mesh_spec(spec, known)[0]
+
+
+def _check_mesh(mc: MeshConfig, source: str) -> None:
+  """The mesh string's syntax, the rules' regexes and every axis name against the mesh."""
+  if mc.mesh is None:
+    set_ = [k for k in ("rules", "fsdp", "tensor", "expert", "batch") if getattr(mc, k)]
+    if set_:
+      raise _error(source, f"mesh.{set_[0]}", "needs a mesh: set mesh.mesh (e.g. "
+                   "\"data:2,fsdp:2,tensor:2\") or pass --mesh")
+    return
+  try:
+    names = mesh_axis_names(mc.mesh)
+  except ValueError as e:
+    raise _error(source, "mesh.mesh", str(e)) from e
+
+  def check_axis(key: str, name: str) -> None:
+    if name not in names:
+      raise _error(source, key, f"the mesh {mc.mesh!r} has no axis {name!r}{did_you_mean(name, names)} "
+                   f"(axes: {', '.join(names)})")
+
+  for key in ("fsdp", "tensor", "expert"):
+    if getattr(mc, key) is not None:
+      check_axis(f"mesh.{key}", getattr(mc, key))
+  for i, name in enumerate(mc.batch or ()):
+    check_axis(f"mesh.batch[{i}]", name)
+  for i, (regex, spec) in enumerate(mc.rules):
+    if not _regex(regex):
+      raise _error(source, f"mesh.rules[{i}][0]", f"{regex!r} is not a valid regex")
+    for j, entry in enumerate(spec):
+      for name in (() if entry is None else (entry,) if isinstance(entry, str) else entry):
+        check_axis(f"mesh.rules[{i}][1][{j}]", name)
 
 
 def quantize_kwargs(q: QuantizeConfig) -> dict:

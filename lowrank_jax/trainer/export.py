@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from lowrank_jax.interop import peft
 from lowrank_jax.reparam import merge
 from lowrank_jax.trainer.config import RunConfig
+from lowrank_jax.trainer.processes import is_primary
 from lowrank_jax.trainer.setup import Setup
 from lowrank_jax.trainer.tasks import Problem
 
@@ -66,10 +67,14 @@ def _readable(folder) -> None:
 
 
 def export_merged(folder: pathlib.Path, config: RunConfig, setup: Setup, phi: PyTree, problem: Problem) -> None:
-  """The merged model (``theta0`` + the trained methods) as a Hugging Face folder."""
+  """The merged model (``theta0`` + the trained methods) as a Hugging Face folder (every
+  process calls it; process 0 writes)."""
   if problem.save_merged is None:
     raise ValueError(f"{config.name}: the {config.task} task cannot write a merged model folder")
-  merged = merge(setup.reparam, setup.theta0, phi)
+  # gathered on every process (a collective when the weights span processes), written by process 0
+  merged = problem.placement.to_host(merge(setup.reparam, setup.theta0, phi))
+  if not is_primary():
+    return
   dtype = jnp.dtype(config.export.merged_dtype) if config.export.merged_dtype else None
   folder = pathlib.Path(folder)
   folder.parent.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,11 @@ resumed from any checkpoint reaches the same parameters as one never interrupted
 
 A step whose loss, gradients or updated parameters are not finite stops the run
 (``status="diverged"``; nothing of it is checkpointed).
+
+Many processes: each process computes the same global batch indices, feeds only its own
+rows (``local_rows``) and ``to_device`` assembles the global batch; only the process that
+``write_metrics`` writes the metrics file. ``stop`` must then be read alike by every
+process (:class:`~lowrank_jax.trainer.processes.AgreedStop`).
 """
 
 from __future__ import annotations
@@ -86,7 +91,9 @@ def run_loop(*, name: str, state: LoopState, step_fn: Callable, theta0: PyTree,
              total_steps: int, evaluate_epoch: Optional[Callable[[PyTree], dict]],
              checkpoint: Callable[[LoopState], Any], every: int, stop: StopFlag,
              metrics_path, log_every: int, schedule: Callable[[int], Any],
-             tokens: Callable[[Mapping[str, np.ndarray]], int], quiet: bool = False) -> Outcome:
+             tokens: Callable[[Mapping[str, np.ndarray]], int], quiet: bool = False,
+             local_rows: slice = slice(None), to_device: Optional[Callable[[dict], Any]] = None,
+             write_metrics: bool = True) -> Outcome:
   """Trains from ``state.step`` to ``total_steps`` (see the module docstring).
 
   Args:
@@ -105,6 +112,9 @@ def run_loop(*, name: str, state: LoopState, step_fn: Callable, theta0: PyTree,
     schedule: ``step -> learning rate`` (for the log).
     tokens: real tokens in a batch (tokens/s).
     quiet: no progress bar and no per-epoch lines.
+    local_rows: the rows of each batch this process feeds (default all).
+    to_device: this process's rows -> the step's batch (default: the numpy rows as they are).
+    write_metrics: write ``metrics_path`` (process 0 of a multi-process run).
   """
   n = len(next(iter(rows.values())))
   steps_per_epoch = n // batch_size
@@ -127,14 +137,17 @@ def run_loop(*, name: str, state: LoopState, step_fn: Callable, theta0: PyTree,
     while state.step < total_steps:
       epoch, index = divmod(state.step, steps_per_epoch)
       batch = batch_at(rows, batch_size, seed, epoch, index)
+      mine = {k: v[local_rows] for k, v in batch.items()}
       t0 = time.perf_counter()
-      phi, opt_state, metrics = timer.time(step_fn, state.phi, state.opt_state, theta0, batch,
+      phi, opt_state, metrics = timer.time(step_fn, state.phi, state.opt_state, theta0,
+                                           mine if to_device is None else to_device(mine),
                                            jax.random.fold_in(key, state.step))
       dt = time.perf_counter() - t0
       loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
       if not bool(metrics["finite"]):
         info = {"step": state.step + 1, "loss": loss, "grad_norm": grad_norm}
-        files.append_jsonl(metrics_path, {"kind": "diverged", **info})
+        if write_metrics:
+          files.append_jsonl(metrics_path, {"kind": "diverged", **info})
         print(f"[{name}] diverged at step {state.step + 1}: loss {loss}, gradient norm {grad_norm}; "
               f"stopping (no checkpoint of this step)", file=sys.stderr, flush=True)
         return finish("diverged", diverged=info)
@@ -149,10 +162,11 @@ def run_loop(*, name: str, state: LoopState, step_fn: Callable, theta0: PyTree,
       if state.step % log_every == 0 or state.step == total_steps:
         rate = window_tokens / window_time if window_time > 0 else 0.0
         bar.set_postfix(loss=f"{np.mean(window):.4f}", tok_s=f"{rate:,.0f}", refresh=False)
-        files.append_jsonl(metrics_path, {
-            "kind": "train", "step": state.step, "epoch": epoch + (index + 1) / steps_per_epoch,
-            "loss": float(np.mean(window)), "grad_norm": grad_norm,
-            "lr": float(schedule(state.step - 1)), "tokens_per_s": rate})
+        if write_metrics:
+          files.append_jsonl(metrics_path, {
+              "kind": "train", "step": state.step, "epoch": epoch + (index + 1) / steps_per_epoch,
+              "loss": float(np.mean(window)), "grad_norm": grad_norm,
+              "lr": float(schedule(state.step - 1)), "tokens_per_s": rate})
         window, window_tokens, window_time = [], 0, 0.0
       if state.step % steps_per_epoch == 0 or state.step == total_steps:
         row = {"epoch": epoch + 1, "step": state.step,
@@ -161,7 +175,8 @@ def run_loop(*, name: str, state: LoopState, step_fn: Callable, theta0: PyTree,
           row.update(evaluate_epoch(state.phi))
         state.history.append(row)
         state.epoch_loss_sum, state.epoch_loss_count = 0.0, 0
-        files.append_jsonl(metrics_path, {"kind": "epoch", **row})
+        if write_metrics:
+          files.append_jsonl(metrics_path, {"kind": "epoch", **row})
         if not quiet:
           shown = "  ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in row.items()
                             if isinstance(v, float) and math.isfinite(v))

@@ -4,6 +4,10 @@ from the registry, ``phi``, the optimizer with its schedule, and the deployed we
 The chain is ``chain(method_1, ..., method_n, task head)``, always a chain (``phi`` is the
 tuple of the parts' parameters), so paths in ``phi`` start with the part's index
 (``0/bert/encoder/...``; GaLore's ``where`` sees these paths).
+
+On a mesh (the problem's :class:`~lowrank_jax.trainer.placement.Placement`) the base is
+placed after quantization and the methods' initialisation (which may rewrite it), and
+``phi`` from its base weights' specs.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ class Setup:
     regularizer: ``phi -> scalar`` added to the loss (AdaLoRA's orthogonality), or ``None``.
     schedule: ``step -> learning rate``.
     method_parts: for each registry method of the chain, ``(index in phi, its config)``.
+    theta0_specs, phi_specs: their ``PartitionSpec`` trees on the mesh (``None``: one device).
   """
   theta0: PyTree
   reparam: Reparam
@@ -47,6 +52,8 @@ class Setup:
   regularizer: Optional[Callable[[PyTree], jax.Array]]
   schedule: optax.Schedule
   method_parts: tuple[tuple[int, registry.MethodConfig], ...]
+  theta0_specs: PyTree = None
+  phi_specs: PyTree = None
 
 
 def schedule(config: RunConfig, total_steps: int) -> optax.Schedule:
@@ -80,6 +87,8 @@ def build_setup(config: RunConfig, problem: Problem, key: jax.Array, total_steps
     raise ValueError(f"{config.name}: nothing to train: 'methods' is empty and the task has no head")
   reparam = chain(*parts)
   theta0, phi = initialize(reparam, key, theta0)
+  theta0, theta0_specs = problem.placement.place_theta0(theta0)
+  phi, phi_specs = problem.placement.place_phi(phi, theta0, theta0_specs)
   method_parts = tuple(enumerate(config.methods))
   lr = schedule(config, total_steps)
   tx = make_optimizer(config.optimizer.spec(lr=lr))
@@ -97,7 +106,7 @@ def build_setup(config: RunConfig, problem: Problem, key: jax.Array, total_steps
     def regularizer(phi, i=i):
       return weight * adalora_lib.orthogonal_regularizer(phi[i])
   return Setup(theta0=theta0, reparam=reparam, phi=phi, optimizer=tx, regularizer=regularizer,
-               schedule=lr, method_parts=method_parts)
+               schedule=lr, method_parts=method_parts, theta0_specs=theta0_specs, phi_specs=phi_specs)
 
 
 def deployed(deploy: Optional[DeployConfig], setup: Setup, phi: PyTree, default_where: str) -> PyTree:

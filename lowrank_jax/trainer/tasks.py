@@ -31,6 +31,7 @@ from lowrank_jax.models import bert, decoder, hf_decoder
 from lowrank_jax.reparam import Reparam
 from lowrank_jax.trainer import base as base_lib
 from lowrank_jax.trainer.config import RunConfig
+from lowrank_jax.trainer.placement import LoadReport, Placement, load_decoder
 
 __all__ = ["Problem", "build_problem", "classifier_fns", "evaluate_classifier", "sft_loss",
            "TASKS"]
@@ -59,6 +60,10 @@ class Problem:
     info: JSON facts for the results (labels, data fingerprint, sizes).
     path_to_module: our leaf path -> the peft module name (PEFT export).
     save_merged: ``(folder, merged_params, dtype)`` writes a Hugging Face folder, or ``None``.
+    placement: where the run's arrays live (the config's mesh and the model family's rules);
+      ``theta0`` is already placed when it was read slice by slice (``load_report``).
+    load_report: how much of the base's files this process read, or ``None`` (not a folder
+      read by slices).
   """
   theta0: PyTree
   base: dict
@@ -73,6 +78,8 @@ class Problem:
   info: dict
   path_to_module: Callable[[str], str]
   save_merged: Optional[Callable[[str, PyTree, Any], None]] = None
+  placement: Placement = Placement()
+  load_report: Optional[LoadReport] = None
 
 
 class Keys(NamedTuple):
@@ -170,9 +177,11 @@ def classification(config: RunConfig, keys: Keys) -> Problem:
   loss_fn, logits_fn = classifier_fns(bcfg, m.pooling)
   logits_jit = jax.jit(logits_fn)
   eval_bs = config.training.eval_batch_size or config.training.batch_size
+  placement = Placement.from_config(config.mesh, "bert")
 
   def evaluate(theta, split):
-    acc, loss = evaluate_classifier(lambda b: logits_jit(theta, b), task[split], eval_bs)
+    acc, loss = evaluate_classifier(
+        lambda b: placement.to_host(logits_jit(theta, placement.whole_batch(b))), task[split], eval_bs)
     return {"accuracy": acc, "loss": loss}
 
   return Problem(
@@ -182,7 +191,7 @@ def classification(config: RunConfig, keys: Keys) -> Problem:
       tokens=lambda b: int(b["attention_mask"].sum()),
       info={"n_train": task.sizes()["train"], "sizes": task.sizes(), "labels": list(task.label_names),
             "data_fingerprint": task.fingerprint, "python": task.python_version},
-      path_to_module=_bert_path_to_module)
+      path_to_module=_bert_path_to_module, placement=placement)
 
 
 # -------------------------------------------------------------------------------- SFT
@@ -236,8 +245,16 @@ def sft(config: RunConfig, keys: Keys) -> Problem:
   """Causal-LM SFT of a decoder on JSONL (see the module docstring)."""
   m, d = config.model, config.data
   dtype = jnp.dtype(m.dtype)
-  dcfg, params, base = _base(m, keys, decoder.init_decoder,
-                             lambda folder: hf_decoder.load_pretrained(folder, dtype=dtype), m.path)
+  loaded: list = []
+
+  def load(folder):  # on a mesh: each process reads only the slices of its devices
+    placement = Placement.from_config(config.mesh, hf_decoder.read_config(folder).family)
+    dcfg, params, report = load_decoder(folder, dtype, placement)
+    loaded.append(report if placement.sharded else None)
+    return dcfg, params
+
+  dcfg, params, base = _base(m, keys, decoder.init_decoder, load, m.path)
+  placement = Placement.from_config(config.mesh, dcfg.family)
   if m.dropout is not None:
     dcfg = dataclasses.replace(dcfg, attention_dropout=m.dropout)
   tokenizer = FolderTokenizer(m.tokenizer or m.path)
@@ -261,8 +278,8 @@ def sft(config: RunConfig, keys: Keys) -> Problem:
     return loss, {"loss": loss, "tokens": count}
 
   @jax.jit
-  def eval_sums(theta, batch, real):
-    total, count = sft_loss(logits_fn(theta, batch), {**batch, "loss_mask": batch["loss_mask"] * real[:, None]})
+  def eval_sums(theta, batch):
+    total, count = sft_loss(logits_fn(theta, batch), {**batch, "loss_mask": batch["loss_mask"] * batch["real"][:, None]})
     return total, count
 
   eval_bs = config.training.eval_batch_size or config.training.batch_size
@@ -271,7 +288,7 @@ def sft(config: RunConfig, keys: Keys) -> Problem:
     total = count = 0.0
     for b, n in _padded_batches(rows[split].arrays, eval_bs):
       real = (np.arange(eval_bs) < n).astype(np.float32)
-      t, c = eval_sums(theta, b, real)
+      t, c = eval_sums(theta, placement.whole_batch({**b, "real": real}))
       total, count = total + float(t), count + float(c)
     loss = total / max(count, 1.0)
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(count)}
@@ -290,7 +307,7 @@ def sft(config: RunConfig, keys: Keys) -> Problem:
       epoch_split=split, final_split=split,
       tokens=lambda b: int((b["segment_ids"] > 0).sum()), info=info,
       path_to_module=peft.decoder_path_to_module(dcfg),
-      save_merged=save_merged)
+      save_merged=save_merged, placement=placement, load_report=loaded[0] if loaded else None)
 
 
 TASKS: dict[str, Callable[[RunConfig, Keys], Problem]] = {"classification": classification, "sft": sft}

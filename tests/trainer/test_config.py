@@ -77,7 +77,7 @@ def test_unknown_top_level_key_and_method_parameter():
     ({"quantize": {"where": "(("}}, "quantize.where: \"((\" is not a valid regex"),
     ({"optimizer": {"kind": "adamw", "rank": 4}}, "optimizer: optimizer 'adamw': unknown keys ['rank']"),
     ({"rank_allocator": {"target_r": 2}}, "rank_allocator: needs an 'adalora' method"),
-    ({"mesh": {"mesh": "data:2"}}, "mesh: sharded training is not wired into the trainer yet"),
+    ({"mesh": {"mesh": "data:2", "rules": [["q_proj", ["fsdp"]]]}}, "mesh.rules[0][1][0]: the mesh 'data:2' has no axis 'fsdp'"),
     ({"export": {"merged": True}}, "export.merged: a merged Hugging Face folder is written for decoder models only"),
     ({"deploy": {"kind": "qalora_merge"}}, "deploy.kind: 'qalora_merge' needs a 'qalora' method"),
     ({"deploy": {"kind": "merge_quantize"}}, "deploy: quantize is required with kind 'merge_quantize'"),
