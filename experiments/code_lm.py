@@ -52,13 +52,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lowrank_jax import tree as tree_lib
+from lowrank_jax import lazy, tree as tree_lib
 from lowrank_jax.data import stdlib_code
 from lowrank_jax.models import decoder, hf_decoder
 from lowrank_jax.trainer import cli, files, report
-from lowrank_jax.trainer.config import load_all
+from lowrank_jax.trainer.config import load_all, to_dict
 from lowrank_jax.trainer.run import prepare
-from lowrank_jax.trainer.tasks import FolderTokenizer
+from lowrank_jax.trainer.setup import build_setup
+from lowrank_jax.trainer.tasks import FolderTokenizer, Keys
 
 __all__ = ["Settings", "TINY", "prepare_data", "pretrain", "check_folder", "check_transformers",
            "finetune", "table", "plot", "run_all", "main"]
@@ -120,11 +121,11 @@ TINY = dict(
   vocab_size=320, seq_len=64, held_out=("json",), finetune="json",
   packages=("bisect", "colorsys", "fnmatch", "shlex", "textwrap", "json"), pretrain_fractions=(0.75, 0.25),
   pretrain_set=("model.random.vocab_size=320", "model.random.hidden_size=64",
-                "model.random.intermediate_size=128", "model.random.num_layers=2",
+                "model.random.intermediate_size=128", "model.random.num_layers=1",
                 "model.random.num_heads=2", "model.random.num_kv_heads=2", "model.random.max_seq_len=64",
                 "training.max_steps=30", "training.batch_size=8", "optimizer.lr=0.01",
                 "checkpointing.every=0"),
-  finetune_set=("training.max_steps=4", "training.batch_size=4", "optimizer.lr=0.005"),
+  finetune_set=("training.max_steps=3", "training.batch_size=4", "optimizer.lr=0.005"),
   inline=True, quiet=True, check_transformers=False)
 
 
@@ -167,13 +168,28 @@ def _train(configs: Sequence[pathlib.Path], overrides: Sequence[str], out: pathl
 
 
 def _initial_eval(configs: Sequence[pathlib.Path], overrides: Sequence[str]) -> dict[str, dict]:
-  """``{name: eval metrics}`` of each config's model at initialisation (the methods'
-  ``apply`` at their initial ``phi`` over the possibly quantized base)."""
-  out = {}
+  """``{name: eval metrics}`` of each config's model at initialisation: the methods'
+  ``apply`` at their initial ``phi`` over the (possibly quantized) base, evaluated by the
+  trainer's own evaluation of the task.
+
+  Configs with the same ``model`` and ``data`` share one task (data and base loaded once);
+  a model without lazy leaves left after :func:`lowrank_jax.lazy.materialize` (every
+  method over a float base) is evaluated dense, so those share one compiled evaluation;
+  a quantized base stays lazy (its forward decodes in its compute dtype, as in training).
+  """
+  out: dict[str, dict] = {}
+  problems: dict[str, Any] = {}
   for config in load_all(configs, overrides):
-    p = prepare(config)
-    theta = p.setup.reparam.apply(p.setup.theta0, p.setup.phi)
-    out[config.name] = p.problem.evaluate(theta, "eval")
+    key = json.dumps({k: v for k, v in to_dict(config).items() if k in ("model", "data")}, sort_keys=True)
+    if key not in problems:
+      p = prepare(config)
+      problems[key] = (p.problem, p.total_steps)
+    problem, total = problems[key]
+    setup = build_setup(config, problem, Keys.from_seed(config.training.seed).method, total)
+    theta = setup.reparam.apply(setup.theta0, setup.phi)
+    if config.quantize is None:
+      theta = lazy.materialize(theta)
+    out[config.name] = problem.evaluate(theta, "eval")
   return out
 
 
@@ -250,8 +266,9 @@ def check_folder(folder: str | os.PathLike, params: Any, config: decoder.Decoder
   if set(a) != set(b):
     raise AssertionError(f"{folder}: leaves differ: {sorted(set(a) ^ set(b))[:6]}")
   max_param = max(float(np.max(np.abs(np.asarray(a[k], np.float32) - np.asarray(b[k], np.float32)))) for k in a)
-  la = decoder.decoder_forward(params, config, jnp.asarray(ids))
-  lb = decoder.decoder_forward(params2, cfg2, jnp.asarray(ids))
+  forward = jax.jit(decoder.decoder_forward, static_argnums=1)
+  la = forward(params, config, jnp.asarray(ids))
+  lb = forward(params2, cfg2, jnp.asarray(ids))
   return {"same_config": cfg2 == config, "max_abs_param_diff": max_param,
           "max_abs_logit_diff": float(jnp.max(jnp.abs(la - lb)))}
 
@@ -270,7 +287,7 @@ def check_transformers(folder: str | os.PathLike, ids: np.ndarray, texts: Sequen
   with torch.no_grad():
     ref = model(input_ids=torch.tensor(np.asarray(ids, np.int64))).logits.numpy()
   config, params = hf_decoder.load_pretrained(folder, dtype=jnp.float32)
-  ours = np.asarray(decoder.decoder_forward(params, config, jnp.asarray(ids)))
+  ours = np.asarray(jax.jit(decoder.decoder_forward, static_argnums=1)(params, config, jnp.asarray(ids)))
   tok = transformers.AutoTokenizer.from_pretrained(folder)
   mine = FolderTokenizer(folder)
   same_ids = all(tok(t, add_special_tokens=False)["input_ids"] == mine.encode(t) for t in texts)
