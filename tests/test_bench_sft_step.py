@@ -5,7 +5,6 @@ import pytest
 from bench import sft_step
 
 
-
 @pytest.mark.slow  # three compiled training steps: about 25 s of CPU
 def test_sft_step_smoke(capsys):
   out = sft_step.main(["--model", "random", "--tiny", "--batch", "2", "--seq", "16", "--rank", "4",
