@@ -276,7 +276,8 @@ class MeshConfig:
 
   Attributes:
     mesh: ``"name:size,..."``, e.g. ``"data:2,fsdp:2,tensor:2"`` (one size may be -1: the
-      rest of the devices); ``None``: one device, nothing sharded.
+      rest of the devices); ``None``: one device, nothing sharded (the other keys are then
+      unused, so one config runs on a mesh or on one device: ``--mesh none``).
     rules: ``[[regex, spec], ...]`` tried before the family's rules (first match wins,
       ``re.search`` on paths like ``layers/layer_0/attention/q_proj/kernel``); a spec is a
       list with an entry per array axis: ``null``, a mesh axis name or a list of names
@@ -535,11 +536,10 @@ def mesh_axis_names(spec: str) -> tuple[str, ...]:
 
 def _check_mesh(mc: MeshConfig, source: str) -> None:
   """The mesh string's syntax, the rules' regexes and every axis name against the mesh."""
-  if mc.mesh is None:
-    set_ = [k for k in ("rules", "fsdp", "tensor", "expert", "batch") if getattr(mc, k)]
-    if set_:
-      raise _error(source, f"mesh.{set_[0]}", "needs a mesh: set mesh.mesh (e.g. "
-                   "\"data:2,fsdp:2,tensor:2\") or pass --mesh")
+  for i, (regex, _) in enumerate(mc.rules):
+    if not _regex(regex):
+      raise _error(source, f"mesh.rules[{i}][0]", f"{regex!r} is not a valid regex")
+  if mc.mesh is None:  # one device: nothing to lay out (one config runs, or resumes, on one device)
     return
   try:
     names = mesh_axis_names(mc.mesh)
@@ -548,17 +548,15 @@ def _check_mesh(mc: MeshConfig, source: str) -> None:
 
   def check_axis(key: str, name: str) -> None:
     if name not in names:
-      raise _error(source, key, f"the mesh {mc.mesh!r} has no axis {name!r}{did_you_mean(name, names)} "
-                   f"(axes: {', '.join(names)})")
+      raise _error(source, key, f"the mesh {mc.mesh!r} has no axis {name!r};{did_you_mean(name, names)} "
+                   f"its axes: {', '.join(names)}")
 
   for key in ("fsdp", "tensor", "expert"):
     if getattr(mc, key) is not None:
       check_axis(f"mesh.{key}", getattr(mc, key))
   for i, name in enumerate(mc.batch or ()):
     check_axis(f"mesh.batch[{i}]", name)
-  for i, (regex, spec) in enumerate(mc.rules):
-    if not _regex(regex):
-      raise _error(source, f"mesh.rules[{i}][0]", f"{regex!r} is not a valid regex")
+  for i, (_, spec) in enumerate(mc.rules):
     for j, entry in enumerate(spec):
       for name in (() if entry is None else (entry,) if isinstance(entry, str) else entry):
         check_axis(f"mesh.rules[{i}][1][{j}]", name)
