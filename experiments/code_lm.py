@@ -41,7 +41,6 @@ import json
 import math
 import os
 import pathlib
-import platform
 import resource
 import shutil
 import sys
@@ -51,6 +50,8 @@ from typing import Any, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from bench.sft_step import processor
 
 from lowrank_jax import lazy, tree as tree_lib
 from lowrank_jax.data import stdlib_code
@@ -369,17 +370,6 @@ def plot(rows: Sequence[dict], curve: Sequence[dict], path: pathlib.Path) -> Non
   report.save_figure(fig, path)
 
 
-def _processor() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
-
-
 def _markdown(s: Settings, data: dict, pre: dict, checks: dict, rows: Sequence[dict], command: str) -> str:
   row = pre["row"]
   cfg = row["config"]["model"]["random"]
@@ -391,7 +381,7 @@ def _markdown(s: Settings, data: dict, pre: dict, checks: dict, rows: Sequence[d
   lines = [
     f"# Code LM: pre-trained here, fine-tuned on a held-out package ({datetime.date.today().isoformat()})",
     "",
-    f"Command: `{command}`. Processor: {_processor()} ({os.cpu_count()} cores, shared); "
+    f"Command: `{command}`. Processor: {processor()} ({os.cpu_count()} cores, shared); "
     f"Python {data['python']} standard library; jax {jax.__version__}.",
     "",
     "## Data",
@@ -456,7 +446,7 @@ def run_all(s: Settings, command: str = "python -m experiments.code_lm") -> dict
              (_paths(pathlib.Path(s.out))["data"] / "finetune_validation.jsonl").read_text().splitlines()[:8]]
     checks["transformers"] = check_transformers(base, ids, texts)
   rows = finetune(s)
-  out = {"date": datetime.date.today().isoformat(), "command": command, "processor": _processor(),
+  out = {"date": datetime.date.today().isoformat(), "command": command, "processor": processor(),
          "settings": dataclasses.asdict(s), "data": data,
          "pretrain": pre, "checks": checks, "finetune": rows,
          "total_wall_s": time.perf_counter() - t0}
