@@ -38,6 +38,7 @@ MODULES = {
   # 1 core
   "lowrank_jax.lazy": 1,
   "lowrank_jax.tree": 1,
+  "lowrank_jax.validate": 1,
   # 2 codecs, models, data, io
   "lowrank_jax.quant": 2,
   "lowrank_jax.models": 2,

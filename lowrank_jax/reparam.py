@@ -63,6 +63,7 @@ __all__ = [
   "MatrixView",
   "LEAVES",
   "SHARED",
+  "PhiMismatchError",
   "adapt",
   "adapt_with_bias",
   "chain",
@@ -73,6 +74,12 @@ __all__ = [
 
 LEAVES = "leaves"
 SHARED = "shared"
+
+
+class PhiMismatchError(ValueError):
+  """``phi`` does not fit the reparam or ``theta0``: parameters at a leaf the method does not
+  select, a selected leaf without parameters, or parameters of another shape than the method's
+  ``init`` makes. The message names the path, what was expected and what was found."""
 
 
 # ------------------------------------------------------------------ the Reparam signatures
@@ -123,11 +130,23 @@ class Reparam(NamedTuple):
     init_with_base: :class:`InitWithBaseFn`, ``(key, theta0) -> (theta0', phi)``.
     unmerge: :class:`UnmergeFn` ``(theta_merged, phi) -> theta0`` where the method can
       invert a merge, else ``None``.
+    config: what the reparametrization is, as data: the method's registry config (a
+      frozen ``lowrank_jax.methods.registry.MethodConfig``: method name, hyper-parameters,
+      ``where``, initialisation; ``registry.as_dict(config)`` is its JSON form) when built
+      by the registry (``registry.build``, ``build_from``, ``chain_from``) or imported
+      (``interop.peft.load_peft_adapter``); for a :func:`chain`, the tuple of its entries'
+      configs; ``None`` when nothing recorded it. Exports read it (e.g.
+      ``interop.peft.save_peft_adapter``) instead of being told the settings again.
   """
   init: InitFn
   apply: ApplyFn
   init_with_base: InitWithBaseFn
   unmerge: Optional[UnmergeFn] = None
+  config: Optional[Any] = None
+
+  def with_config(self, config: Any) -> "Reparam":
+    """This reparam with ``config`` recorded (same functions)."""
+    return self._replace(config=config)
 
 
 # ------------------------------------------------------------------ per-leaf methods
@@ -290,6 +309,123 @@ def _strip_to(theta: PyTree, mirror: PyTree) -> PyTree:
   return theta
 
 
+# ------------------------------------------------------------------ validation of phi
+
+_KEY_STRUCT = jax.ShapeDtypeStruct((2,), jnp.uint32)
+_CACHE_LIMIT = 64
+
+
+def _abstract(tree: PyTree) -> PyTree:
+  """``tree`` with every array (also inside lazy weights) as a ``jax.ShapeDtypeStruct``."""
+  return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)), tree)
+
+
+def _signature(*trees: PyTree) -> tuple:
+  """A hashable key of the structures, shapes and dtypes of ``trees`` (values ignored)."""
+  out = []
+  for t in trees:
+    leaves, treedef = jax.tree_util.tree_flatten(t)
+    out.append((treedef, tuple((tuple(np.shape(x)), str(jnp.result_type(x))) for x in leaves)))
+  return tuple(out)
+
+
+def _shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:
+  """``{path: shape}`` of the arrays of ``tree`` (``""`` for a bare array)."""
+  leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {"/".join(tree_lib.key_name(k) for k in p): tuple(np.shape(x)) for p, x in leaves}
+
+
+def _describe_shapes(shapes: Mapping[str, tuple[int, ...]]) -> str:
+  if list(shapes) == [""]:
+    return f"an array of shape {shapes['']}"
+  return "{" + ", ".join(f"{k}: {v}" for k, v in shapes.items()) + "}"
+
+
+def _short(x, limit: int = 80) -> str:
+  r = repr(x)
+  return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
+def _list_paths(paths: list[str], limit: int = 6) -> str:
+  shown = ", ".join(f"'{p}'" for p in paths[:limit])
+  return shown + (f" and {len(paths) - limit} more" if len(paths) > limit else "")
+
+
+def _kind(x) -> str:
+  if x is None:
+    return "None"
+  if isinstance(x, (list, tuple)):
+    return f"a {type(x).__name__} of {len(x)}"
+  return f"a {type(x).__name__}"
+
+
+def _mirror_difference(tree: PyTree, phi: PyTree, path: str = "") -> Optional[str]:
+  """Where a per-leaf ``phi`` first departs from the nodes of ``tree`` (in words), or ``None``."""
+  at = f"'{path}'" if path else "the root"
+  if isinstance(tree, Mapping):
+    if not isinstance(phi, Mapping):
+      return f"at {at} the tree has a dict with keys {sorted(map(str, tree))}, phi has {_kind(phi)}"
+    if set(tree) != set(phi):
+      missing, extra = sorted(map(str, set(tree) - set(phi))), sorted(map(str, set(phi) - set(tree)))
+      return (f"at {at} the tree has keys {sorted(map(str, tree))}, phi has {sorted(map(str, phi))}"
+              f" (missing {missing}, extra {extra})")
+    for k in tree:
+      d = _mirror_difference(tree[k], phi[k], f"{path}/{k}" if path else str(k))
+      if d:
+        return d
+  elif isinstance(tree, (list, tuple)) and not lazy.is_lazy(tree):
+    if not isinstance(phi, (list, tuple)) or len(phi) != len(tree):
+      return f"at {at} the tree has a {type(tree).__name__} of {len(tree)}, phi has {_kind(phi)}"
+    for i, (t, p) in enumerate(zip(tree, phi)):
+      d = _mirror_difference(t, p, f"{path}/{i}" if path else str(i))
+      if d:
+        return d
+  return None
+
+
+def _holds_tracer(fn, depth: int = 3) -> bool:
+  """Whether the closure of ``fn`` holds a traced value (a method built inside ``jit`` from
+  traced hyper-parameters, e.g. GLoRA's sampled choices): its ``init`` then says nothing
+  about the shapes ``apply`` accepts."""
+  def walk(x, d):
+    if isinstance(x, jax.core.Tracer):
+      return True
+    if d == 0:
+      return False
+    if isinstance(x, (list, tuple)):
+      return any(walk(v, d - 1) for v in x)
+    if isinstance(x, Mapping):
+      return any(walk(v, d - 1) for v in x.values())
+    if callable(x) and getattr(x, "__closure__", None):
+      return any(walk(c.cell_contents, d - 1) for c in x.__closure__ if _cell_filled(c))
+    return False
+  return walk(fn, depth)
+
+
+def _cell_filled(cell) -> bool:
+  try:
+    cell.cell_contents  # pylint: disable=pointless-statement
+    return True
+  except ValueError:
+    return False
+
+
+class _Checked:
+  """The signatures of ``(theta0, phi)`` already validated by one reparam: :func:`adapt`'s
+  check runs once per structure (once per trace under ``jit``), never on values."""
+
+  def __init__(self):
+    self._seen: set = set()
+
+  def __contains__(self, sig) -> bool:
+    return sig in self._seen
+
+  def add(self, sig) -> None:
+    if len(self._seen) >= _CACHE_LIMIT:
+      self._seen.clear()
+    self._seen.add(sig)
+
+
 def adapt(method: LeafMethod, where: tree_lib.Where) -> Reparam:
   """Lifts a per-leaf method onto the leaves of a tree selected by ``where``.
 
@@ -304,6 +440,15 @@ def adapt(method: LeafMethod, where: tree_lib.Where) -> Reparam:
     alone are ``phi`` itself, both are ``{"leaves": ..., "shared": ...}``. Leaf ``i``
     (in tree order) draws from ``fold_in(key, i)``; with shared parameters, ``key`` is
     first split into the leaves' key and ``init_shared``'s.
+
+  ``apply`` checks ``phi`` against the method and ``theta0`` once per structure (shapes
+  and dtypes; once per trace under ``jit``, nothing at run time): parameters at a leaf
+  that ``where`` does not select, a selected leaf without parameters, or parameters
+  whose structure or shapes differ from what ``init`` makes for that leaf (computed
+  with ``jax.eval_shape``, e.g. a rank-4 method given rank-8 factors), or shared
+  parameters in ``init``'s layout with other shapes, raise a :class:`PhiMismatchError`
+  naming the path, the expected and the found. Where ``init`` cannot be traced
+  abstractly (a ``where`` predicate on values) only the selection is checked.
   """
   has_leaf = method.init_leaf is not None
   has_shared = method.init_shared is not None
@@ -333,7 +478,8 @@ def adapt(method: LeafMethod, where: tree_lib.Where) -> Reparam:
       try:
         phis = treedef.flatten_up_to(leaves)
       except (ValueError, TypeError) as e:
-        raise ValueError(f"{method.name}: phi does not mirror the structure of the tree ({e})") from e
+        raise PhiMismatchError(f"{method.name}: phi does not mirror the structure of the tree: "
+                               f"{_mirror_difference(theta, leaves) or e}") from e
       return [p is not None for p in phis], phis
     flags = [bool(m) for m in jax.tree_util.tree_leaves(tree_lib.select(theta, where))]
     return flags, [None] * len(flags)
@@ -391,10 +537,80 @@ def adapt(method: LeafMethod, where: tree_lib.Where) -> Reparam:
       if m:
         yield from method.insert(path, p, None if extra is None else extra[path]).items()
 
+  checked = _Checked()
+  traced_method = _holds_tracer(method.init_leaf) or _holds_tracer(method.init_shared)
+
+  def _expected(theta0):
+    """``(selected flags or None, expected per-leaf phi or None, expected shared or None)``:
+    what ``init`` makes for ``theta0``, abstractly; ``None`` where it cannot be traced."""
+    try:
+      _, exp = jax.eval_shape(lambda k, t: _init_all(k, t), _KEY_STRUCT, _abstract(theta0))
+    except Exception:  # pylint: disable=broad-except
+      # init cannot run abstractly here (a `where` on values, an init that rejects a rewritten
+      # base): check the selection alone, if `where` can say it
+      try:
+        sel = [bool(m) for m in jax.tree_util.tree_leaves(tree_lib.select(theta0, where, allow_empty=True))]
+      except Exception:  # pylint: disable=broad-except
+        sel = None
+      return sel, None, None
+    if has_leaf and has_shared:
+      return None, exp[LEAVES], exp[SHARED]
+    return (None, exp, None) if has_leaf else (None, None, exp)
+
+  def _check(theta0, phi, items, treedef, flags, phis, shared):
+    """Raises :class:`PhiMismatchError` where ``phi`` does not fit (see :func:`adapt`)."""
+    sig = _signature(theta0, phi)
+    if sig in checked:
+      return
+    if traced_method:
+      return
+    sel, exp_leaves, exp_shared = _expected(theta0)
+    if exp_leaves is not None:
+      exp_phis = treedef.flatten_up_to(exp_leaves)
+      sel = [p is not None for p in exp_phis]
+    if has_leaf and sel is not None:
+      paths = [p for p, _ in items]
+      extra = [p for p, f, s in zip(paths, flags, sel) if f and not s]
+      missing = [p for p, f, s in zip(paths, flags, sel) if s and not f]
+      selected = [p for p, s in zip(paths, sel) if s]
+      if extra:
+        raise PhiMismatchError(
+            f"{method.name}: phi has parameters at '{extra[0]}', a leaf this method does not "
+            f"select (where={_short(where)}); expected parameters at {_list_paths(selected)}; "
+            f"found them also at {_list_paths(extra)}")
+      if missing:
+        raise PhiMismatchError(
+            f"{method.name}: the method selects '{missing[0]}' (where={_short(where)}) but phi has "
+            f"no parameters there (None); expected parameters at {_list_paths(selected)}; "
+            f"missing at {_list_paths(missing)}")
+    if exp_leaves is not None:
+      for (path, w), e, p in zip(items, exp_phis, phis):
+        if e is None or p is None:
+          continue
+        want, got = _shapes(e), _shapes(p)
+        if want != got:
+          raise PhiMismatchError(
+              f"{method.name}: phi at '{path}' does not fit the method on that leaf "
+              f"{tuple(w.shape)} {w.dtype}: expected {_describe_shapes(want)}, found {_describe_shapes(got)}")
+    if exp_shared is not None:
+      # shared parameters of another layout are the method's to read (prefix tuning takes its
+      # MLP form or the materialised prefixes); the layout init makes must have its shapes
+      want, got = _shapes(exp_shared), _shapes(shared)
+      if set(want) == set(got):
+        for key, shape in want.items():
+          if got[key] != shape:
+            ref = (f"phi['{SHARED}']" if has_leaf else "phi") + "".join(f"['{k}']" for k in key.split("/") if k)
+            raise PhiMismatchError(
+                f"{method.name}: {ref} has shape {got[key]}, but the method expects {shape} on this "
+                f"tree (its shared parameters do not fit: expected {_describe_shapes(want)}, found "
+                f"{_describe_shapes(got)})")
+    checked.add(sig)
+
   def apply(theta0, phi, rng: Optional[Key] = None):
     leaves, shared = _split(phi)
     items, treedef = _structure(theta0)
     flags, phis = _selected(theta0, treedef, leaves)
+    _check(theta0, phi, items, treedef, flags, phis, shared)
     views = _views(items, flags)
     extra = _shared_leaves(shared, views) if method.uses_shared else None
     keys = _leaf_keys(rng, len(items)) if rng is not None else [None] * len(items)
@@ -447,7 +663,8 @@ def adapt(method: LeafMethod, where: tree_lib.Where) -> Reparam:
 def chain(*reparams: Reparam) -> Reparam:
   """Composes reparams: ``theta = r_n.apply(... r_1.apply(theta0, phi_1) ..., phi_n)``.
 
-  ``phi`` is the tuple ``(phi_1, ..., phi_n)``; each ``init`` sees the weights the
+  ``phi`` is the tuple ``(phi_1, ..., phi_n)`` and ``config`` the tuple of the entries'
+  configs; each ``init`` sees the weights the
   previous reparams produce, so e.g. LoRA can be chained on top of a quantized or
   another adapted weight. Only the first reparam may rewrite the base.
   """
@@ -471,12 +688,17 @@ def chain(*reparams: Reparam) -> Reparam:
     return phi
 
   def apply(theta0, phi, rng: Optional[Key] = None):
-    if len(phi) != len(reparams):
-      raise ValueError(f"chain of {len(reparams)} reparams got phi with {len(phi)} entries")
+    if not isinstance(phi, (tuple, list)) or len(phi) != len(reparams):
+      got = f"{len(phi)} entries" if isinstance(phi, (tuple, list)) else f"a {type(phi).__name__}"
+      raise PhiMismatchError(f"a chain of {len(reparams)} reparams takes phi as a tuple of "
+                             f"{len(reparams)} entries (one per reparam, in order), got {got}")
     keys = jax.random.split(rng, len(reparams)) if rng is not None else [None] * len(reparams)
     theta = theta0
-    for r, p, k in zip(reparams, phi, keys):
-      theta = r.apply(theta, p, rng=k)
+    for i, (r, p, k) in enumerate(zip(reparams, phi, keys)):
+      try:
+        theta = r.apply(theta, p, rng=k)
+      except PhiMismatchError as e:
+        raise PhiMismatchError(f"chain entry {i} of {len(reparams)} (phi[{i}]): {e}") from e
     return theta
 
   unmerge_fn = None
@@ -486,7 +708,8 @@ def chain(*reparams: Reparam) -> Reparam:
         theta = r.unmerge(theta, p)
       return theta
 
-  return Reparam(init=init, apply=apply, init_with_base=init_with_base, unmerge=unmerge_fn)
+  return Reparam(init=init, apply=apply, init_with_base=init_with_base, unmerge=unmerge_fn,
+                 config=tuple(r.config for r in reparams))
 
 
 def initialize(reparam: Reparam, key: Key, theta0: PyTree) -> tuple[PyTree, PyTree]:

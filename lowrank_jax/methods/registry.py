@@ -392,11 +392,13 @@ def parse(name: str, params: Mapping[str, Any]) -> MethodConfig:
 
 
 def build_from(config: MethodConfig) -> Reparam:
-  """The :class:`Reparam` of a config made by :func:`parse` (or the config class itself)."""
+  """The :class:`Reparam` of a config made by :func:`parse` (or the config class itself),
+  with ``config`` recorded as its ``Reparam.config``."""
   spec = _BY_CONFIG.get(type(config))
   if spec is None:
     raise ConfigError(f"build_from expects a registry method config, got {type(config).__name__}")
-  return spec.factory(**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
+  reparam = spec.factory(**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
+  return reparam._replace(config=config)  # the reparam carries its own config (Reparam.config)
 
 
 def build(name: str, **params) -> Reparam:

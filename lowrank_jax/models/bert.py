@@ -56,6 +56,7 @@ from typing import Any, Literal, Mapping, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
+from lowrank_jax import validate
 from lowrank_jax.io import hf
 from lowrank_jax.models import layers, slots as slots_lib
 from lowrank_jax.models.attention import AttentionImpl
@@ -352,6 +353,9 @@ def bert_forward(params: PyTree, config: BertConfig, input_ids: jax.Array,
       raise ValueError("prefix= given while params hold prefixes (per-layer 'prefix' slots or a "
                        "top-level 'prefix' list); pass one")
     prefix = tree_prefix
+  validate.check_token_ids(input_ids, config.vocab_size)  # concrete: now; traced: under checkify
+  if token_type_ids is not None:
+    validate.check_token_ids(token_type_ids, config.type_vocab_size, what="token_type_ids")
   input_ids = jnp.asarray(input_ids)
   b, t = input_ids.shape
   if attention_mask is None:

@@ -70,7 +70,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lowrank_jax import lazy, ops
+from lowrank_jax import lazy, ops, validate
 from lowrank_jax.models import families, layers
 from lowrank_jax.models import slots as slots_lib
 from lowrank_jax.models.attention import AttentionImpl
@@ -596,6 +596,7 @@ def decoder_hidden(params: PyTree, config: DecoderConfig, input_ids: jax.Array, 
   ids = jnp.asarray(input_ids)
   if ids.ndim != 2:
     raise ValueError(f"input_ids must be [B, T], got shape {ids.shape}")
+  validate.check_token_ids(input_ids, c.vocab_size)  # concrete: now; traced: under checkify
   b, t = ids.shape
   for name, arr in (("attention_mask", attention_mask), ("segment_ids", segment_ids)):
     if arr is not None and tuple(jnp.shape(arr)) != (b, t):

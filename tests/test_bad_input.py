@@ -1,0 +1,229 @@
+"""Nothing silent (issue 16): bad or unusual inputs to the documented entry points give a clear
+error naming the path, shape, dtype, id or file, never a raw lax / TensorStore / safetensors error
+and never a silently wrong result.
+
+Sections: phi checked against the method in ``apply``; reparams carry their config; token ids;
+non-finite and corrupt files; PEFT export from the reparam's own config.
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+from jax.experimental import checkify
+
+import lowrank_jax as lj
+from lowrank_jax import reparam as rp, validate
+from lowrank_jax.models import bert, decoder
+from lowrank_jax.methods import registry
+
+D = 8
+
+
+def _bert_like():
+  rng = np.random.default_rng(0)
+  mat = lambda: jnp.asarray(rng.normal(size=(D, D)), jnp.float32)
+  return {"layer_0": {"attention": {n: {"kernel": mat(), "bias": jnp.zeros(D)}
+                                    for n in ("query", "key", "value")}},
+          "head": {"kernel": mat()}}
+
+
+# ------------------------------------------------------------------ 1. phi against the method
+
+
+def test_apply_rank_mismatch_names_path_expected_and_found():
+  """An r=4 LoRA applied to r=8 parameters would use the wrong scale (alpha/4); it raises."""
+  theta0 = _bert_like()
+  phi8 = lj.lora("(query|value)/kernel", rank=8, alpha=16).init(jax.random.key(0), theta0)
+  r4 = lj.lora("(query|value)/kernel", rank=4, alpha=16)
+  with pytest.raises(rp.PhiMismatchError,
+                     match=r"LoRA: phi at 'layer_0/attention/query/kernel' .*\(8, 8\) float32: "
+                           r"expected \{a: \(8, 4\), b: \(4, 8\)\}, found \{a: \(8, 8\), b: \(8, 8\)\}"):
+    r4.apply(theta0, phi8)
+  with pytest.raises(rp.PhiMismatchError, match="expected"):  # under jit: at trace time
+    jax.jit(r4.apply)(theta0, phi8)
+  assert issubclass(rp.PhiMismatchError, ValueError)
+
+
+def test_apply_target_mismatch_both_ways():
+  """A (key|value) method given (query|value) adapters: query is not selected, key is missing."""
+  theta0 = _bert_like()
+  phi = lj.lora("(query|value)/kernel", rank=2).init(jax.random.key(0), theta0)
+  with pytest.raises(rp.PhiMismatchError,
+                     match=r"phi has parameters at 'layer_0/attention/query/kernel', a leaf this method "
+                           r"does not select \(where='\(key\|value\)/kernel'\); expected parameters at "
+                           r"'layer_0/attention/key/kernel', 'layer_0/attention/value/kernel'"):
+    lj.lora("(key|value)/kernel", rank=2).apply(theta0, phi)
+  holed = jax.tree.map(lambda x: x, phi, is_leaf=lambda x: x is None)
+  holed["layer_0"]["attention"]["value"]["kernel"] = None
+  with pytest.raises(rp.PhiMismatchError, match=r"selects 'layer_0/attention/value/kernel' .* no parameters"):
+    lj.lora("(query|value)/kernel", rank=2).apply(theta0, holed)
+
+
+def test_apply_structure_mismatch_between_methods_and_shared_parameters():
+  theta0 = _bert_like()
+  phi = lj.lora("query/kernel", rank=2).init(jax.random.key(0), theta0)
+  with pytest.raises(rp.PhiMismatchError, match=r"DoRA: phi at 'layer_0/attention/query/kernel'.*"
+                                                r"expected \{a: \(8, 2\), b: \(2, 8\), m: \(8,\)\}"):
+    lj.dora("query/kernel", rank=2).apply(theta0, phi)
+  said = lj.intrinsic_said(6, where="kernel")
+  phi_s = lj.intrinsic_said(9, where="kernel").init(jax.random.key(0), theta0)
+  with pytest.raises(rp.PhiMismatchError, match=r"intrinsic_said: phi\['z'\] has shape \(5,\), but the method expects \(2,\) .*found \{lam: \(4,\), z: \(5,\)\}"):
+    said.apply(theta0, phi_s)
+  with pytest.raises(rp.PhiMismatchError, match=r"at 'layer_0/attention' the tree has keys"):
+    lj.lora("query/kernel", rank=2).apply(theta0, {**phi, "layer_0": {"attention": {}}})
+
+
+def test_chain_names_the_entry():
+  theta0 = _bert_like()
+  r = lj.chain(lj.lora("query/kernel", rank=2), lj.full("head/"))
+  phi = r.init(jax.random.key(0), theta0)
+  with pytest.raises(rp.PhiMismatchError, match=r"chain of 2 reparams takes phi as a tuple of 2 .* got 1 entries"):
+    r.apply(theta0, phi[:1])
+  with pytest.raises(rp.PhiMismatchError, match=r"chain of 2 .* got a dict"):
+    r.apply(theta0, phi[0])
+  other = lj.chain(lj.lora("query/kernel", rank=2), lj.full("layer_0/attention/key/kernel"))
+  with pytest.raises(rp.PhiMismatchError, match=r"^chain entry 1 of 2 \(phi\[1\]\): full: phi has parameters at 'head/kernel'"):
+    other.apply(theta0, phi)
+
+
+def test_check_once_per_structure_and_not_in_the_compiled_step():
+  """The check traces init abstractly once per (theta0, phi) structure; repeated calls, eager or
+  jitted, do not re-run it, and the jitted apply is the same computation as without the check."""
+  theta0 = _bert_like()
+  calls = []
+  base = lj.lora_method(2)
+
+  def init_leaf(key, path, w, view):
+    calls.append(path)
+    return base.init_leaf(key, path, w, view)
+
+  method = rp.LeafMethod("counted", init_leaf, base.apply_leaf)
+  r = rp.adapt(method, "query/kernel")
+  phi = r.init(jax.random.key(0), theta0)
+  assert calls == ["layer_0/attention/query/kernel"]
+  r.apply(theta0, phi)
+  assert len(calls) == 2  # the abstract init of the check
+  for _ in range(3):
+    r.apply(theta0, phi)
+  f = jax.jit(lambda t, p: lj.materialize(r.apply(t, p)))
+  for _ in range(3):
+    f(theta0, jax.tree.map(lambda x: x + 1.0, phi))
+  assert len(calls) == 2
+  # the jaxpr of apply is that of the per-leaf math alone
+  unchecked = lambda t, p: jax.tree.map(
+      lambda w, q: w if q is None else w + q["a"] @ q["b"] * base_scale, t, p,
+      is_leaf=lambda x: x is None or (isinstance(x, dict) and "a" in x))
+  base_scale = lj.lora_scale(2, None)
+  n_eqns = lambda fn: len(jax.make_jaxpr(fn)(theta0, phi).jaxpr.eqns)
+  assert n_eqns(lambda t, p: lj.materialize(r.apply(t, p))) == n_eqns(unchecked)
+
+
+@settings(max_examples=12, deadline=None)
+@given(r_init=st.integers(1, 4), r_apply=st.integers(1, 4), alpha=st.sampled_from([None, 1.0, 8.0]))
+def test_rank_property(r_init, r_apply, alpha):
+  """Any rank mismatch raises; equal ranks give W0 + alpha/r A B (closed form)."""
+  theta0 = {"w": {"kernel": jnp.asarray(np.random.default_rng(r_init).normal(size=(4, 6)), jnp.float32)}}
+  phi = lj.lora("kernel", rank=r_init, init="gaussian").init(jax.random.key(r_init), theta0)
+  phi = jax.tree.map(lambda x: x + 0.25, phi)
+  method = lj.lora("kernel", rank=r_apply, alpha=alpha)
+  if r_init != r_apply:
+    with pytest.raises(rp.PhiMismatchError, match=f"expected {{a: \\(4, {r_apply}\\)"):
+      method.apply(theta0, phi)
+    return
+  got = np.asarray(lj.merge(method, theta0, phi)["w"]["kernel"], np.float64)
+  p = phi["w"]["kernel"]
+  scale = (r_apply if alpha is None else alpha) / r_apply
+  want = np.asarray(theta0["w"]["kernel"], np.float64) + scale * np.asarray(p["a"], np.float64) @ np.asarray(p["b"], np.float64)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ 2. reparams carry their config
+
+
+def test_registry_reparams_carry_their_config_as_data():
+  r = registry.build("lora", where="(query|value)/kernel", rank=4, alpha=8.0, rslora=True, init="pissa")
+  assert isinstance(r.config, registry.MethodConfig)
+  d = registry.as_dict(r.config)
+  assert d["name"] == "lora" and d["rank"] == 4 and d["alpha"] == 8.0 and d["rslora"] is True
+  assert d["init"] == "pissa" and d["where"] == "(query|value)/kernel" and d["dtype"] == "float32"
+  back = json.loads(json.dumps(d))  # serialisable, and rebuilds the same method
+  r2 = registry.chain_from([back])
+  assert r2.config == (r.config,)
+  theta0 = _bert_like()
+  base, phi = lj.initialize(r, jax.random.key(0), theta0)
+  base2, phi2 = lj.initialize(r2, jax.random.key(0), theta0)
+  jax.tree.map(np.testing.assert_array_equal, lj.merge(r, base, phi), lj.merge(r2, base2, phi2))
+  ch = registry.chain_from([{"name": "lora", "where": "query/kernel", "rank": 2}, {"name": "full", "where": "^head/"}])
+  assert [c.method_name for c in ch.config] == ["lora", "full"] and ch.config[0].rank == 2
+  assert lj.lora("query/kernel").config is None  # built outside the registry: nothing recorded
+  assert lj.chain(lj.lora("query/kernel"), ch).config == (None, ch.config)
+  assert lj.lora("query/kernel").with_config(ch.config[0]).config is ch.config[0]
+  pt = registry.build("prefix_tuning", num_prefix=2)
+  assert type(pt).__name__ == "PrefixTuning" and pt.config.num_prefix == 2
+
+
+# ------------------------------------------------------------------ 3. token ids, non-finite values
+
+TINY_BERT = bert.BertConfig(vocab_size=11, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                            intermediate_size=16, max_position_embeddings=8)
+TINY_DECODER = decoder.DecoderConfig(vocab_size=13, hidden_size=8, intermediate_size=16, num_layers=1,
+                                     num_heads=2, num_kv_heads=1, max_seq_len=16)
+
+
+@pytest.mark.parametrize("model", ["bert", "decoder"])
+@pytest.mark.parametrize("bad", ["vocab", "above", "negative"])
+def test_token_ids_out_of_range_raise_naming_id_position_and_vocab(model, bad):
+  """Without the check, ids >= V give an all-NaN hidden state and negative ids wrap around."""
+  if model == "bert":
+    cfg, params = TINY_BERT, bert.init_bert(jax.random.key(0), TINY_BERT)
+    forward = lambda ids: bert.bert_forward(params, cfg, ids)
+  else:
+    cfg, params = TINY_DECODER, decoder.init_decoder(jax.random.key(0), TINY_DECODER)
+    forward = lambda ids: decoder.decoder_forward(params, cfg, ids)
+  v = cfg.vocab_size
+  value = {"vocab": v, "above": v + 100, "negative": -1}[bad]
+  ids = np.array([[1, 2, 3], [4, value, 5]])
+  with pytest.raises(validate.TokenIdError,
+                     match=rf"input_ids: token id {value} at position \(1, 1\) .*vocabulary \[0, {v}\) "
+                           rf"\(vocab_size={v}\).*1 of 6 ids"):
+    forward(ids)
+  with pytest.raises(validate.TokenIdError, match=f"token id {value}"):
+    forward(jnp.asarray(ids))  # a concrete jax.Array too
+  assert np.isfinite(np.asarray(forward(np.array([[1, 2, 3], [4, v - 1, 0]])))).all()
+
+
+def test_token_ids_traced_are_checked_under_checkify_only():
+  params = decoder.init_decoder(jax.random.key(0), TINY_DECODER)
+  f = lambda ids: decoder.decoder_forward(params, TINY_DECODER, ids).sum()
+  ids = jnp.asarray([[1, 2, 3], [4, 5, 99]])
+  jax.jit(f)(ids)  # traced, not checkified: no check, no cost
+  err, _ = jax.jit(checkify.checkify(f, errors=checkify.user_checks))(ids)
+  with pytest.raises(checkify.JaxRuntimeError, match=r"token id 99 at position \(1, 2\) is outside the "
+                                                     r"vocabulary \[0, 13\)"):
+    err.throw()
+  err, _ = jax.jit(checkify.checkify(f, errors=checkify.user_checks))(ids.at[1, 2].set(12))
+  err.throw()  # in range: no error
+  with pytest.raises(TypeError, match="token ids must be integers, got dtype float32"):
+    validate.check_token_ids(np.zeros((1, 2), np.float32), 5)
+  with pytest.raises(validate.TokenIdError, match="token_type_ids: token id 2 at position"):
+    bert.bert_forward(bert.init_bert(jax.random.key(0), TINY_BERT), TINY_BERT, np.ones((1, 3), int),
+                      token_type_ids=np.array([[0, 1, 2]]))
+
+
+def test_check_finite_names_every_bad_path():
+  tree = {"a": {"kernel": np.ones((2, 3), np.float32)},
+          "b": {"x": jnp.asarray([1.0, np.nan, np.inf, -np.inf]), "n": jnp.arange(3)},
+          "c": (None, np.array([np.nan], ml_dtypes.bfloat16))}
+  with pytest.raises(validate.NonFiniteError,
+                     match=r"^phi from test: non-finite values in 2 leaves: 'b/x' \(4,\) float32: 1 NaN, 2 inf; "
+                           r"'c/1' \(1,\) bfloat16: 1 NaN, 0 inf$"):
+    validate.check_finite(tree, what="phi from test")
+  ok = {"a": np.ones(2), "i": np.arange(3), "s": jax.ShapeDtypeStruct((2,), jnp.float32)}
+  assert validate.check_finite(ok, what="ok") is ok
+  with pytest.raises(TypeError, match="traced"):
+    jax.jit(lambda x: validate.check_finite({"x": x}, what="t"))(jnp.ones(2))
