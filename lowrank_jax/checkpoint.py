@@ -56,7 +56,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lowrank_jax import tree as tree_lib
+from lowrank_jax import tree as tree_lib, validate
 
 __all__ = ["save", "restore", "read_metadata", "Checkpoint", "FORMAT"]
 
@@ -279,7 +279,10 @@ def read_metadata(path: PathLike) -> dict:
     hint = (f"; an overwrite was interrupted: {staging if _exists(staging) else old} holds a "
             f"complete checkpoint (the next save completes the swap)") if _exists(old) else ""
     raise FileNotFoundError(f"no checkpoint at {path}{hint}")
-  meta = _checkpointer().restore(path, args=_ocp().args.Composite(meta=_ocp().args.JsonRestore()))["meta"]
+  try:
+    meta = _checkpointer().restore(path, args=_ocp().args.Composite(meta=_ocp().args.JsonRestore()))["meta"]
+  except (OSError, ValueError, KeyError, TypeError) as e:  # damaged JSON, missing part files
+    raise validate.corrupt_file(path, e, what="checkpoint", leaf="meta") from e
   fmt = meta.get("format") if isinstance(meta, dict) else None
   if fmt != FORMAT:
     raise ValueError(f"{path} is not a {FORMAT} checkpoint (format {fmt!r})")
@@ -348,7 +351,7 @@ def _abstract(x, sharding) -> jax.ShapeDtypeStruct:
 
 
 def restore(path: PathLike, phi_like: PyTree, opt_state_like: PyTree = None, *,
-            shardings: Any = None) -> Checkpoint:
+            shardings: Any = None, check_finite: bool = True) -> Checkpoint:
   """Restores a checkpoint into the structures of ``phi_like`` and ``opt_state_like``.
 
   Args:
@@ -363,6 +366,8 @@ def restore(path: PathLike, phi_like: PyTree, opt_state_like: PyTree = None, *,
       opt_state_shardings)`` of trees shaped like the templates (``None`` entries
       keep the template's). Default: the first local device (replicated over all
       devices with several processes).
+    check_finite: raise :class:`lowrank_jax.validate.NonFiniteError`, naming the paths,
+      when a restored value is NaN or infinite (``False`` restores them as they are).
 
   Returns:
     A :class:`Checkpoint` ``(phi, opt_state, step, metadata)``; ``opt_state`` is
@@ -372,6 +377,9 @@ def restore(path: PathLike, phi_like: PyTree, opt_state_like: PyTree = None, *,
     FileNotFoundError: no checkpoint at ``path``.
     ValueError: the templates do not fit the checkpoint; the message lists every
       differing path with its shape and dtype on both sides, and the checkpoint's leaves.
+    lowrank_jax.validate.CorruptFileError: a damaged checkpoint (the path, the leaf
+      where the reader names it, and the reader's error as ``__cause__``).
+    lowrank_jax.validate.NonFiniteError: see ``check_finite``.
   """
   path = _resolve(path)
   meta = read_metadata(path)
@@ -392,7 +400,10 @@ def restore(path: PathLike, phi_like: PyTree, opt_state_like: PyTree = None, *,
     wanted[part] = targets
   args = {part: _ocp().args.StandardRestore(_nest([(k, _abstract(x, s)) for k, x, s in targets], part))
           for part, targets in wanted.items() if targets}
-  state = _checkpointer().restore(path, args=_ocp().args.Composite(**args)) if args else {}
+  try:
+    state = _checkpointer().restore(path, args=_ocp().args.Composite(**args)) if args else {}
+  except (OSError, ValueError, KeyError, TypeError) as e:  # TensorStore / zarr / JSON errors
+    raise validate.corrupt_file(path, e, what="checkpoint", leaf=_failed_leaf(e)) from e
   out = {}
   for part, targets in wanted.items():
     leaves = []
@@ -404,5 +415,35 @@ def restore(path: PathLike, phi_like: PyTree, opt_state_like: PyTree = None, *,
         node = jax.device_put(node, sharding)
       leaves.append(node)
     out[part] = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(templates[part]), leaves)
+  if check_finite:
+    _check_finite(path, out)
   return Checkpoint(phi=out["phi"], opt_state=out.get("opt_state"), step=meta["step"],
                     metadata=meta["metadata"])
+
+
+_ZARR_LEAF = re.compile(r'"([^"/]+)/\.z(?:array|attrs|group)"')
+
+
+def _failed_leaf(e: BaseException) -> Optional[str]:
+  """The leaf a TensorStore error names (``Error reading "a.kernel.b/.zarray"`` ->
+  ``a/kernel/b``), or ``None``."""
+  m = _ZARR_LEAF.search(str(e))
+  return m.group(1).replace(".", "/") if m else None
+
+
+def _check_finite(path: str, parts: dict) -> None:
+  """:func:`lowrank_jax.validate.check_finite` of each restored part; with several processes
+  every process raises when any found a non-finite value in its shards."""
+  err = None
+  try:
+    for part, tree in parts.items():
+      validate.check_finite(tree, what=f"checkpoint {path}: {part}")
+  except validate.NonFiniteError as e:
+    err = e
+  if jax.process_count() > 1:
+    bad = multihost_utils.process_allgather(np.asarray([err is not None], np.int32))
+    if err is None and np.asarray(bad).any():
+      err = validate.NonFiniteError(f"checkpoint {path}: another process found non-finite values "
+                                    f"in its shards")
+  if err is not None:
+    raise err

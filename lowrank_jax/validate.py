@@ -105,6 +105,10 @@ def _nonfinite_counts(x) -> Optional[tuple[int, int]]:
     if np.isfinite(a).all():
       return None
     return int(np.isnan(a).sum()), int(np.isinf(a).sum())
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:  # many processes: the local shards
+    parts = [_nonfinite_counts(s.data) for s in x.addressable_shards]
+    parts = [c for c in parts if c is not None]
+    return (sum(c[0] for c in parts), sum(c[1] for c in parts)) if parts else None
   if bool(jnp.isfinite(x).all()):
     return None
   return int(jnp.isnan(x).sum()), int(jnp.isinf(x).sum())
@@ -115,7 +119,8 @@ def check_finite(tree: PyTree, *, what: str, limit: int = 10) -> PyTree:
 
   Args:
     tree: any pytree (lazy weights are looked into); non-floating leaves, ``None`` and
-      abstract leaves (``jax.ShapeDtypeStruct``) are skipped.
+      abstract leaves (``jax.ShapeDtypeStruct``) are skipped. An array spread over several
+      processes is checked in the shards this process holds (counts are local).
     what: what the tree is (``"adapter ./out/adapter_model.safetensors"``), for the message.
     limit: how many bad paths the message lists.
 

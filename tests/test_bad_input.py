@@ -7,17 +7,20 @@ non-finite and corrupt files; PEFT export from the reparam's own config.
 """
 
 import json
+import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+import optax
 import pytest
 from hypothesis import given, settings, strategies as st
 from jax.experimental import checkify
 
 import lowrank_jax as lj
-from lowrank_jax import reparam as rp, validate
+from lowrank_jax import checkpoint, reparam as rp, validate
 from lowrank_jax.models import bert, decoder
 from lowrank_jax.methods import registry
 
@@ -227,3 +230,57 @@ def test_check_finite_names_every_bad_path():
   assert validate.check_finite(ok, what="ok") is ok
   with pytest.raises(TypeError, match="traced"):
     jax.jit(lambda x: validate.check_finite({"x": x}, what="t"))(jnp.ones(2))
+
+
+# ------------------------------------------------------------------ 3b. corrupt and non-finite files
+
+
+def _flip(path: pathlib.Path, offset: int = 0, n: int = 16) -> None:
+  data = bytearray(path.read_bytes())
+  for i in range(offset, min(offset + n, len(data))):
+    data[i] ^= 0xFF
+  path.write_bytes(bytes(data))
+
+
+def _saved(tmp_path, phi, opt_state=None):
+  path = tmp_path / "ck"
+  checkpoint.save(path, phi, opt_state)
+  return path
+
+
+def test_checkpoint_restores_phi_alone_and_rejects_non_finite_values(tmp_path):
+  phi = {"q": {"kernel": {"a": jnp.ones((4, 2)), "b": jnp.full((2, 4), 0.5)}}, "k": None}
+  opt = optax.adam(1e-3)
+  path = _saved(tmp_path, phi, opt.init(phi))
+  alone = checkpoint.restore(path, phi)  # no optimizer-state template needed
+  assert alone.opt_state is None
+  jax.tree.map(np.testing.assert_array_equal, alone.phi, phi)
+  bad = {"q": {"kernel": {"a": jnp.ones((4, 2)).at[1, 1].set(jnp.nan), "b": jnp.full((2, 4), jnp.inf)}}, "k": None}
+  checkpoint.save(tmp_path / "nan", bad)
+  with pytest.raises(validate.NonFiniteError,
+                     match=r"checkpoint .*nan: phi: non-finite values in 2 leaves: 'q/kernel/a' \(4, 2\) "
+                           r"float32: 1 NaN, 0 inf; 'q/kernel/b' \(2, 4\) float32: 0 NaN, 8 inf"):
+    checkpoint.restore(tmp_path / "nan", phi)
+  raw = checkpoint.restore(tmp_path / "nan", phi, check_finite=False)  # opt-out: as stored
+  assert np.isnan(np.asarray(raw.phi["q"]["kernel"]["a"])).sum() == 1
+
+
+@pytest.mark.parametrize("damage", ["array bytes", "metadata JSON", "meta"])
+def test_damaged_checkpoint_names_file_and_leaf(tmp_path, damage):
+  phi = {"q": {"kernel": {"a": jnp.ones((4, 2)), "b": jnp.full((2, 4), 0.5)}}}
+  path = _saved(tmp_path, phi)
+  if damage == "array bytes":
+    for f in sorted((path / "phi" / "d").iterdir()):
+      _flip(f, f.stat().st_size // 2)
+  elif damage == "metadata JSON":
+    f = path / "phi" / "_METADATA"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+  else:
+    _flip(path / "meta" / "metadata")
+  with pytest.raises(validate.CorruptFileError, match=rf"cannot read the checkpoint {re.escape(str(path))}") as info:
+    checkpoint.restore(path, phi)
+  assert info.value.__cause__ is not None  # the reader's own error is attached
+  if damage == "array bytes":
+    assert re.search(r"\(leaf 'q/kernel/[ab]'\)", str(info.value))
+  if damage == "meta":
+    assert "(leaf 'meta')" in str(info.value)
