@@ -6,8 +6,11 @@ localhost), through the command as a user launches it on two hosts:
    process, which joins the run). The FSDP axis spans the two processes, so each reads
    half of the base's bytes from the safetensors file; data and tensor axes are within them.
 2. Both processes (command and child) are SIGKILLed mid-run; the same command with
-   ``--resume`` continues in two processes. Every checkpoint of the run equals the
-   one-device run's at the same step (1e-6).
+   ``--resume`` continues in two processes. Then only process 1's command is SIGKILLed:
+   its training process gets SIGTERM (it never outlives its parent), and both training
+   processes stop after the same step with a checkpoint (a stop agreed between them;
+   process 0 got no signal). ``--resume`` once more finishes the run. Every checkpoint of
+   the run equals the one-device run's at the same step (1e-6).
 3. The checkpoint the kill left is resumed by one process on one device and by one
    process on 8 devices: both reach the one-device run's final state (1e-6).
 
@@ -35,7 +38,7 @@ from tests.trainer.test_mesh import assert_same_state, checkpoint_arrays, mesh_c
 
 MESH2 = "fsdp:2,data:2,tensor:2"  # fsdp first: it is the axis that spans the two processes
 NAME = "sft_tiny_mesh"
-STEPS = 5  # configs/sft_tiny_mesh.json: 5 steps, a checkpoint after each
+STEPS = 7  # a checkpoint after each (configs/sft_tiny_mesh.json)
 
 
 def _free_port() -> int:
@@ -129,7 +132,7 @@ def _steps(run: pathlib.Path) -> list[int]:
 @needs_8
 @pytest.mark.slow
 def test_two_processes_equal_one_device_survive_sigkill_and_resume_on_any_device_count(tmp_path, capsys):
-  cfg = mesh_config(tmp_path)
+  cfg = mesh_config(tmp_path, training={"max_steps": STEPS})
   env = _env(tmp_path / "jax_cache")
   logs = tmp_path / "logs"
   logs.mkdir()
@@ -154,14 +157,37 @@ def test_two_processes_equal_one_device_survive_sigkill_and_resume_on_any_device
   for d in ("one", "eight"):  # that checkpoint, for the single-process resumes below
     shutil.copytree(out / NAME, tmp_path / d / NAME)
 
-  # the same command with --resume: two processes continue from the latest complete checkpoint
+  # the same command with --resume: two processes continue from the latest complete checkpoint;
+  # once they have written one more, process 1's command dies
+  procs = _launch(cfg, out, logs, env, "--resume")
+  try:
+    while _steps(out / NAME)[-1] <= killed_at:
+      assert all(p.poll() is None for p in procs), _tail(logs)
+      time.sleep(0.01)
+    orphan = _children(procs[1].pid)
+    os.kill(procs[1].pid, signal.SIGKILL)
+    procs[1].wait(timeout=30)
+    assert procs[0].wait(timeout=240) == 0, _tail(logs)
+    deadline = time.monotonic() + 60
+    while any(_alive(pid) for pid in orphan) and time.monotonic() < deadline:
+      time.sleep(0.05)
+    assert orphan and not any(_alive(pid) for pid in orphan), "the training process outlived its command"
+  finally:
+    _kill(procs)
+  log0 = (logs / "0.log").read_text()
+  assert f"resuming from step {killed_at} of {STEPS}" in log0
+  stopped_at = int(re.search(rf"interrupted by SIGTERM at step (\d+) of {STEPS}; checkpoint: \S+step_0*\1", log0)[1])
+  assert killed_at < stopped_at < STEPS and _steps(out / NAME)[-1] == stopped_at
+  assert not (out / f"{NAME}.json").exists()
+
+  # --resume again: to the end
   procs = _launch(cfg, out, logs, env, "--resume")
   try:
     _wait(procs, logs)
   finally:
     _kill(procs)
   log0, log1 = ((logs / f"{i}.log").read_text() for i in range(2))
-  assert f"resuming from step {killed_at} of {STEPS}" in log0
+  assert f"resuming from step {stopped_at} of {STEPS}" in log0
   for i, log in enumerate((log0, log1)):  # each process read only the slices its devices hold
     read, total = map(_number, re.search(rf"process {i} of 2 read ([\d,]+) of the base's ([\d,]+) bytes",
                                          log).groups())
