@@ -44,6 +44,7 @@ import tempfile
 from typing import Optional, Sequence
 
 import jax
+from jax._src import xla_bridge  # backends_are_initialized: no public equivalent
 
 from lowrank_jax.trainer import files, report
 from lowrank_jax.trainer.base import ResumeError, folder_hash
@@ -119,7 +120,6 @@ def _pin_to_cpu() -> None:
   """Keeps this (parent) process off the accelerators: it only reads checkpoint metadata,
   and a GPU it initialised (memory preallocation) or a TPU it held (one process per chip)
   would be taken from the training process."""
-  from jax._src import xla_bridge  # no public test for "backends not initialised yet"
   if not xla_bridge.backends_are_initialized():
     jax.config.update("jax_platforms", "cpu")
 

@@ -135,6 +135,22 @@ def test_setup_places_adapters_and_optimizer_state_from_the_base_specs(tmp_path)
 
 
 @needs_8
+def test_a_quantized_base_keeps_its_codes_sharded_like_its_weight(tmp_path):
+  """QLoRA on the mesh: the NF4 codes ``[in, out/2]`` and block scales take the weight's
+  spec ``P(fsdp, tensor)`` and are gathered along FSDP only inside the matmul; the
+  weights they decode to are the one-device run's, bit for bit."""
+  cfg = mesh_config(tmp_path, quantize={"codec": "nf4", "block_size": 16})
+  sharded = prepare(C.load(cfg)).setup.theta0
+  one = prepare(C.load(cfg, ["mesh.mesh=null"])).setup.theta0
+  w = sharded["layers"]["layer_0"]["attention"]["q_proj"]["kernel"]
+  placed = {tuple(x.shape): x.sharding.spec for x in jax.tree.leaves(w) if x.ndim == 2}
+  assert placed == {(16, 8): P("fsdp", "tensor"), (16, 1): P("fsdp", None)}  # codes, scales
+  assert w.compute_sharding.spec == P(None, "tensor")
+  ref = one["layers"]["layer_0"]["attention"]["q_proj"]["kernel"]
+  np.testing.assert_array_equal(np.asarray(w.materialize()), np.asarray(ref.materialize()))
+
+
+@needs_8
 @pytest.mark.slow
 def test_mesh_run_equals_the_one_device_run_and_compiles_its_step_once(tmp_path, capsys):
   cfg = mesh_config(tmp_path, training={"max_steps": 3})
