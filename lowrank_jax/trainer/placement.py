@@ -137,8 +137,13 @@ class Placement:
     return sharding.shard(phi, specs, self.mesh, gather_axes=()), specs
 
   def place_opt_state(self, opt_state: PyTree, phi: PyTree, phi_specs: PyTree) -> PyTree:
+    """The optimizer state placed like its parameters (:func:`lowrank_jax.sharding.like`).
+
+    Codec nodes (8-bit Adam's moments) are kept in their row layout on one device too, as
+    ``like`` stores them on a mesh (the same bytes, shaped like the tensor), so a
+    checkpoint restores onto any mesh or one device alike."""
     if not self.sharded:
-      return opt_state
+      return jax.tree.map(lambda x: x.rows() if _is_codec(x) else x, opt_state, is_leaf=_is_codec)
     return sharding.like(opt_state, phi, phi_specs, self.mesh)
 
   def step(self, make: Callable[..., Callable]) -> Callable:
@@ -186,6 +191,11 @@ class Placement:
         return np.asarray(x)
       return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return jax.tree.map(get, tree)
+
+
+def _is_codec(x) -> bool:
+  """A codec node with a row layout (``rows``) that placements use (8-bit Adam's moments)."""
+  return callable(getattr(x, "rows", None)) and callable(getattr(x, "buffer_specs", None))
 
 
 # --------------------------------------------------------------- sliced base loading

@@ -5,6 +5,7 @@ base's specs, and a mesh run that follows the one-device run step for step (1e-6
 compiles its step once. The two-process run is tests/test_multihost_trainer.py."""
 
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -197,3 +198,23 @@ def test_mesh_section_errors_name_the_key(tmp_path, capsys):
   assert cli.main([cfg, "--out", out, "--coordinator", "localhost", "--num-processes", "2",
                    "--process-id", "0"]) == cli.EXIT_CONFIG
   assert "command line: distributed: coordinator must be 'host:port', got 'localhost'" in capsys.readouterr().err
+
+
+@needs_8
+@pytest.mark.slow
+def test_an_8bit_adam_state_written_on_the_mesh_resumes_on_one_device(tmp_path):
+  """8-bit Adam's moments are codec nodes stored in their row layout on a mesh and on one
+  device alike, so the checkpoint of a mesh run continues on one device (and ends where
+  the mesh run ended, to 1e-6)."""
+  cfg = mesh_config(tmp_path, training={"max_steps": 2},
+                    optimizer={"kind": "adamw_8bit", "min_8bit_size": 0, "block_size": 8})
+  mesh, one = tmp_path / "mesh", tmp_path / "one"
+  assert cli.main([cfg, "--out", str(mesh), "--inline", "--quiet"]) == 0
+  last = "sft_tiny_mesh/checkpoints/step_00000002"
+  leaves = checkpoint.read_metadata(mesh / last)["leaves"]["opt_state"]
+  assert any(k.endswith("/codes") and len(s) == 2 for k, (s, _) in leaves.items())  # [in, r] codes
+  shutil.copytree(mesh / "sft_tiny_mesh", one / "sft_tiny_mesh", ignore=shutil.ignore_patterns("step_00000002"))
+  assert cli.main([cfg, "--out", str(one), "--inline", "--quiet", "--resume", "--mesh", "none"]) == 0
+  a, b = checkpoint_arrays(mesh / last), checkpoint_arrays(one / last)
+  assert_same_state({k: v for k, v in a.items() if k.startswith("phi/")},
+                    {k: v for k, v in b.items() if k.startswith("phi/")})
