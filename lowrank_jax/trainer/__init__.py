@@ -6,7 +6,9 @@ Modules, one idea each: :mod:`~lowrank_jax.trainer.schema` (typed parsing of JSO
 frozen dataclasses), :mod:`~lowrank_jax.trainer.config` (the run config tree),
 :mod:`~lowrank_jax.trainer.tasks` (classification and causal-LM SFT),
 :mod:`~lowrank_jax.trainer.setup` (methods from the registry, quantized base, optimizer),
-:mod:`~lowrank_jax.trainer.loop` (the loop), :mod:`~lowrank_jax.trainer.rundir`
+:mod:`~lowrank_jax.trainer.placement` (the device mesh: base, adapters, optimizer state,
+batches), :mod:`~lowrank_jax.trainer.processes` (many processes: joining, agreeing, writing
+once), :mod:`~lowrank_jax.trainer.loop` (the loop), :mod:`~lowrank_jax.trainer.rundir`
 (checkpoint folders), :mod:`~lowrank_jax.trainer.base` (the base's content hash),
 :mod:`~lowrank_jax.trainer.signals` (SIGTERM/SIGINT, parent death),
 :mod:`~lowrank_jax.trainer.files` (atomic strict-JSON files), :mod:`~lowrank_jax.trainer.report`

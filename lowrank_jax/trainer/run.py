@@ -72,7 +72,6 @@ def prepare(config: RunConfig) -> Prepared:
     raise ValueError(f"{config.name}: training.batch_size {bs} exceeds the {n} training rows")
   try:
     problem.placement.check_batch(bs)
-    problem.placement.check_batch(config.training.eval_batch_size or bs, "training.eval_batch_size")
   except ValueError as e:
     raise ValueError(f"{config.name}: {e}") from None
   steps_per_epoch = n // bs
