@@ -141,7 +141,8 @@ class Placement:
 
     Codec nodes (8-bit Adam's moments) are kept in their row layout on one device too, as
     ``like`` stores them on a mesh (the same bytes, shaped like the tensor), so a
-    checkpoint restores onto any mesh or one device alike."""
+    checkpoint restores onto any mesh or one device alike. (Its updates equal those of
+    bitsandbytes' flat layout to rounding, not bit for bit.)"""
     if not self.sharded:
       return jax.tree.map(lambda x: x.rows() if _is_codec(x) else x, opt_state, is_leaf=_is_codec)
     return sharding.like(opt_state, phi, phi_specs, self.mesh)
