@@ -51,12 +51,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lowrank_jax import lazy, tree as tree_lib
+from lowrank_jax import lazy, tree as tree_lib, validate
 from lowrank_jax.interop import hf
 from lowrank_jax.io import safetensors as st
-from lowrank_jax.methods import adalora as adalora_lib, batched as batched_lib, dora as dora_lib, lora as lora_lib
+from lowrank_jax.methods import registry, vera as vera_lib
 from lowrank_jax.models import bert, families
-from lowrank_jax.reparam import Reparam
+from lowrank_jax.reparam import PhiMismatchError, Reparam, chain, initialize as lj_initialize
 
 __all__ = [
   "CONFIG_NAME",
@@ -76,10 +76,6 @@ PyTree = Any
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-
-_PARAM_RE = re.compile(
-    r"^(?P<module>.+)\.(?P<param>lora_A\.weight|lora_B\.weight|lora_magnitude_vector|"
-    r"lora_A|lora_B|lora_E)$")
 
 
 # --------------------------------------------------------------------------- name mapping
@@ -169,37 +165,96 @@ def decoder_path_to_module(config) -> Callable[[str], str]:
 
 # --------------------------------------------------------------------------- reading
 
+_TUNER_PARAMS = {
+  "LORA": ("lora_A", "lora_B", "lora_magnitude_vector"),
+  "ADALORA": ("lora_A", "lora_B", "lora_E"),
+  "LOKR": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"),
+  "LOHA": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"),
+  "VERA": ("vera_lambda_b", "vera_lambda_d"),
+  "IA3": ("ia3_l",),
+}
+SUPPORTED = tuple(_TUNER_PARAMS)
+_ALL_PARAMS = sorted({p for ps in _TUNER_PARAMS.values() for p in ps}, key=len, reverse=True)
+_PARAM_RE = re.compile(r"^(?P<module>.+)\.(?P<param>" + "|".join(map(re.escape, _ALL_PARAMS)) +
+                       r")(?:\.weight)?$")
+_BASE_RE = re.compile(r"^(?P<module>.+?)(?:\.base_layer)?\.(?P<param>weight|bias)$")
 
-def read_peft_folder(folder: str | os.PathLike) -> tuple[dict, dict[str, dict[str, np.ndarray]]]:
-  """``(config, {module: {param: array}})`` of an adapter folder, torch layouts as stored.
 
-  ``param`` is ``lora_A``, ``lora_B``, ``lora_magnitude_vector`` or ``lora_E`` (the
-  ``.weight`` suffix dropped). Works for any adapter of the LoRA family, including those
-  this library cannot apply.
-  """
-  from safetensors.numpy import load_file
-  folder = os.fspath(folder)
-  cfg_path, w_path = os.path.join(folder, CONFIG_NAME), os.path.join(folder, WEIGHTS_NAME)
+def _init_of(config: dict) -> str:
+  """``init_lora_weights`` in lower case (``"true"`` for the default)."""
+  return str(config.get("init_lora_weights", True)).lower()
+
+
+def _read_config(folder: str) -> tuple[dict, str]:
+  """``(adapter_config.json as a dict, its path)``; a damaged file raises
+  :class:`~lowrank_jax.validate.CorruptFileError` naming it."""
+  cfg_path = os.path.join(folder, CONFIG_NAME)
   if not os.path.exists(cfg_path):
     raise FileNotFoundError(f"no {CONFIG_NAME} in {folder}")
+  try:
+    with open(cfg_path) as f:
+      config = json.load(f)
+  except (OSError, ValueError) as e:
+    raise validate.corrupt_file(cfg_path, e, what="adapter config") from e
+  if not isinstance(config, dict):
+    raise validate.CorruptFileError(f"{cfg_path}: expected a JSON object, got {type(config).__name__}")
+  return config, cfg_path
+
+
+def _read_tensors(folder: str) -> tuple[str, dict[str, np.ndarray]]:
+  """``(path, {name: array})`` of ``adapter_model.safetensors``, read without torch (bf16
+  included), checked finite; a damaged file raises ``CorruptFileError`` naming it."""
+  w_path = os.path.join(folder, WEIGHTS_NAME)
   if not os.path.exists(w_path):
     if os.path.exists(os.path.join(folder, "adapter_model.bin")):
       raise ValueError(f"{folder} holds a legacy pickled adapter_model.bin; only safetensors "
                        f"adapters can be read without torch")
     raise FileNotFoundError(f"no {WEIGHTS_NAME} in {folder}")
-  with open(cfg_path) as f:
-    config = json.load(f)
+  try:
+    tensors = st.load_file(w_path)
+  except (OSError, ValueError, KeyError) as e:
+    raise validate.corrupt_file(w_path, e, what="adapter weights") from e
+  validate.check_finite(tensors, what=f"adapter tensors in {w_path}")
+  return w_path, tensors
+
+
+def _group(tensors: dict[str, np.ndarray], w_path: str) -> dict[str, dict[str, np.ndarray]]:
+  """``{module: {param: array}}``: adapter tensors under their parameter name (``lora_A``,
+  ``lokr_w1``, ...; ``.weight`` dropped), trained base tensors (biases, ``modules_to_save``)
+  under ``weight`` / ``bias``, model-level tensors (VeRA's ``base_model.vera_A``) under the
+  module ``""``."""
   modules: dict[str, dict[str, np.ndarray]] = {}
-  for name, arr in load_file(w_path).items():
-    if not name.startswith(PREFIX):
+  for name, arr in tensors.items():
+    if name.startswith(PREFIX):
+      rest = name[len(PREFIX):]
+      m = _PARAM_RE.match(rest) or _BASE_RE.match(rest)
+      if m is None:
+        raise ValueError(f"unsupported adapter tensor {name!r} in {w_path}; supported: the "
+                         f"parameters {', '.join(_ALL_PARAMS)} and trained weight/bias tensors")
+      module, param = m.group("module"), m.group("param")
+    elif name.startswith("base_model.") and name.count(".") == 1:
+      module, param = "", name[len("base_model."):]
+    else:
       raise ValueError(f"unexpected tensor name {name!r} in {w_path} (expected the prefix {PREFIX!r})")
-    m = _PARAM_RE.match(name[len(PREFIX):])
-    if m is None:
-      raise ValueError(f"unsupported adapter tensor {name!r} in {w_path}; supported: lora_A.weight, "
-                       f"lora_B.weight, lora_magnitude_vector, lora_E")
-    param = m.group("param").replace(".weight", "")
-    modules.setdefault(m.group("module"), {})[param] = arr
-  return config, modules
+    if param in modules.setdefault(module, {}):
+      raise ValueError(f"{w_path}: tensor {name!r} appears twice (as {param} of {module!r})")
+    modules[module][param] = arr
+  return modules
+
+
+def read_peft_folder(folder: str | os.PathLike) -> tuple[dict, dict[str, dict[str, np.ndarray]]]:
+  """``(config, {module: {param: array}})`` of an adapter folder, torch layouts as stored.
+
+  ``param`` is the tuner's parameter name (``lora_A``, ``lora_B``, ``lora_magnitude_vector``,
+  ``lora_E``, ``lokr_w1``, ``hada_w1_a``, ``vera_lambda_b``, ``ia3_l``, ...; a ``.weight``
+  suffix dropped), or ``weight`` / ``bias`` for trained base tensors (``bias="all"`` /
+  ``"lora_only"``, ``modules_to_save``); model-level tensors (VeRA's saved projections)
+  are under the module ``""``. Works for adapters this library cannot apply.
+  """
+  folder = os.fspath(folder)
+  config, _ = _read_config(folder)
+  w_path, tensors = _read_tensors(folder)
+  return config, _group(tensors, w_path)
 
 
 class PeftAdapter(NamedTuple):
@@ -210,57 +265,349 @@ class PeftAdapter(NamedTuple):
   config: dict
 
 
-def _check_supported(config: dict) -> str:
+def _check_config(config: dict, cfg_path: str) -> str:
+  """The ``peft_type``, after every check that needs the config alone (run before any tensor
+  is read): what this library cannot represent raises ``NotImplementedError`` saying what and
+  why."""
   kind = config.get("peft_type")
-  if kind not in ("LORA", "ADALORA"):
-    raise NotImplementedError(f"peft_type {kind!r} is not supported (LORA, ADALORA)")
-  if config.get("bias", "none") != "none" or config.get("lora_bias"):
-    raise NotImplementedError(f"adapters with trained biases (bias={config.get('bias')!r}, "
-                              f"lora_bias={config.get('lora_bias')}) are not supported")
-  if config.get("modules_to_save"):
-    raise NotImplementedError(f"modules_to_save={config['modules_to_save']} is not supported")
-  if kind == "LORA" and (config.get("rank_pattern") or config.get("alpha_pattern")):
-    # patterns that keep the scale (peft's own for fused expert stacks: r -> 2r, alpha -> 2 alpha)
-    # give one reparam; the rank only sizes new factors, apply uses the tensors' own
-    r, alpha = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
-    root = (lambda x: x ** 0.5) if config.get("use_rslora") else (lambda x: x)
-    rp, ap = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
-    for key in set(rp) | set(ap):
-      rk, ak = int(rp.get(key, r)), float(ap.get(key, alpha))
-      if abs(ak / root(rk) - alpha / root(r)) > 1e-9 * abs(alpha / root(r)):
-        raise NotImplementedError(f"rank_pattern/alpha_pattern entry {key!r} (r={rk}, alpha={ak}) changes "
-                                  f"the LoRA scale from {alpha / root(r)}; per-module scales are not supported")
+  if kind not in SUPPORTED:
+    raise NotImplementedError(f"{cfg_path}: peft_type {kind!r} cannot be imported (supported: "
+                              f"{', '.join(SUPPORTED)}); prompt-learning adapters and other tuners "
+                              f"have no weight-space reparametrization here")
+  unsupported = {
+    "lora_bias": "a trained bias on lora_B, which lowrank_jax's LoRA has not",
+    "use_qalora": "QA-LoRA's pooled adapter input, which peft's and lowrank_jax's QA-LoRA define differently",
+    "layer_replication": "layers duplicated in the base model",
+    "trainable_token_indices": "trained rows of the embedding table (trainable tokens)",
+    "alora_invocation_tokens": "activated LoRA (adapter active only after invocation tokens)",
+    "megatron_config": "Megatron-parallel layers",
+  }
+  for key, why in unsupported.items():
+    if why and config.get(key):
+      raise NotImplementedError(f"{cfg_path}: {key}={config[key]!r} is not supported: the adapter "
+                                f"has {why}")
+  init = _init_of(config)
+  if kind == "LORA" and (init not in ("true", "false", "gaussian", "pissa", "olora") or config.get("loftq_config")):
+    raise NotImplementedError(
+        f"{cfg_path}: init_lora_weights={config.get('init_lora_weights')!r}: this adapter's lora_A / lora_B "
+        f"are relative to a base that its initialisation rewrote (quantized by LoftQ, or decomposed by a "
+        f"randomized or data-dependent method), which cannot be re-derived from the pretrained base here; "
+        f"convert it to a plain LoRA first with peft's save_pretrained(..., "
+        f"path_initial_model_for_weight_conversion=<initial adapter>) (rank 2r)")
+  if init in ("pissa", "olora") and config.get("use_dora"):
+    raise NotImplementedError(f"{cfg_path}: DoRA with init_lora_weights={init!r} is not supported")
+  if kind in ("LORA", "ADALORA") and config.get("bias", "none") not in ("none", "all", "lora_only"):
+    raise NotImplementedError(f"{cfg_path}: bias={config.get('bias')!r} (expected none, all or lora_only)")
+  if kind == "VERA" and not config.get("save_projection", True):
+    raise NotImplementedError(
+        f"{cfg_path}: save_projection=False: peft regenerates VeRA's frozen projections vera_A / vera_B "
+        f"from torch's random generator (projection_prng_key={config.get('projection_prng_key')}), "
+        f"which cannot be reproduced without torch; save the adapter with save_projection=True")
+  for key in ("rank_pattern", "alpha_pattern"):
+    value = config.get(key) or {}
+    if not isinstance(value, dict):
+      raise ValueError(f"{cfg_path}: {key} must be a mapping, got {value!r}")
   return kind
+
+
+def _pattern_key(keys, module: str) -> Optional[str]:
+  """peft's ``get_pattern_key``: the first key ``k`` with ``re.match(r"(.*\\.)?(k)$", module)``."""
+  for key in keys:
+    if re.match(rf"(.*\.)?({key})$", module):
+      return key
+  return None
+
+
+def _hparams(config: dict, kind: str, module: str) -> tuple[int, float]:
+  """``(r, alpha)`` of ``module`` under the config's ``rank_pattern`` / ``alpha_pattern``."""
+  r = int(config.get("r", 8))
+  alpha = float(config.get("alpha" if kind in ("LOKR", "LOHA") else "lora_alpha", r) or r)
+  rp, ap = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+  rk, ak = _pattern_key(rp, module), _pattern_key(ap, module)
+  return (int(rp[rk]) if rk is not None else r), (float(ap[ak]) if ak is not None else alpha)
+
+
+def _targeted(config: dict, module: str) -> bool:
+  """Whether peft's config targets ``module`` (``target_modules``, ``layers_to_transform``)."""
+  target = config.get("target_modules")
+  if isinstance(target, str):
+    hit = re.fullmatch(target, module) is not None
+  elif target:
+    hit = any(module == t or module.endswith("." + t) for t in target)
+  else:
+    hit = True
+  layers = config.get("layers_to_transform")
+  if hit and layers is not None:
+    layers = [layers] if isinstance(layers, int) else list(layers)
+    pattern = config.get("layers_pattern") or ["layers", "h", "blocks", "layer"]
+    pattern = [pattern] if isinstance(pattern, str) else list(pattern)
+    m = re.search(r"\.(?:" + "|".join(map(re.escape, pattern)) + r")\.(\d+)\.", "." + module)
+    hit = m is not None and int(m.group(1)) in layers
+  return hit
+
+
+def _saved_module(config: dict, module: str) -> bool:
+  return any(module == k or module.endswith("." + k) for k in config.get("modules_to_save") or ())
+
+
+def _default_tensor_to_path(module_to_path: Callable[[str], str]) -> Callable[[str, int], str]:
+  """Our path of a trained base tensor ``<module>.weight`` / ``.bias``: the BERT loader's
+  renaming for the BERT mapping, else the sibling of ``module_to_path(module)``'s kernel."""
+  if module_to_path is bert_module_to_path:
+    return lambda name, ndim: hf.rename(name, bert.bert_rules(), ndim=ndim)
+
+  def tensor_to_path(name: str, ndim: int) -> str:
+    module, _, param = name.rpartition(".")
+    kernel = module_to_path(module)
+    parent = kernel.rpartition("/")[0]
+    return f"{parent}/kernel" if param == "weight" and ndim == 2 else f"{parent}/{param}"
+  return tensor_to_path
+
+
+def _module_path(module_to_path, module: str) -> str:
+  try:
+    return module_to_path(module)
+  except KeyError as e:
+    raise KeyError(f"adapter module {module!r}: {e.args[0] if e.args else e}") from None
+
+
+def _fit(module: str, path: str, what: str, found, expected) -> None:
+  if tuple(found) != tuple(expected):
+    raise ValueError(f"module {module!r} -> '{path}': {what} has shape {tuple(found)}, expected "
+                     f"{tuple(expected)}")
+
+
+def _leaf_lora(config, kind, module, path, params, shape, dtype):
+  """LoRA / DoRA / AdaLoRA: ``(phi leaf, group key)``."""
+  use_dora = kind == "LORA" and bool(config.get("use_dora"))
+  expect = {"lora_A", "lora_B"} | ({"lora_E"} if kind == "ADALORA" else set()) | (
+      {"lora_magnitude_vector"} if use_dora else set())
+  if set(params) != expect:
+    raise ValueError(f"module {module!r}: tensors {sorted(params)} but a {kind}"
+                     f"{' (DoRA)' if use_dora else ''} adapter needs {sorted(expect)}")
+  A, B = params["lora_A"], params["lora_B"]
+  if len(shape) != 2:
+    raise ValueError(f"module {module!r} -> '{path}': base leaf has shape {shape}, not a matrix")
+  d_in, d_out = shape
+  if kind == "ADALORA":
+    return _leaf_adalora(config, module, path, params, shape, dtype), ()
+  r, alpha = _hparams(config, kind, module)
+  if A.ndim != 2 or B.ndim != 2 or A.shape != (r, d_in) or B.shape != (d_out, r):
+    where = "" if r == int(config.get("r", 8)) else " (rank_pattern)"
+    raise ValueError(f"module {module!r} -> '{path}': lora_A {A.shape} and lora_B {B.shape} do not fit: "
+                     f"expected lora_A ({r}, {d_in}) [r, in] and lora_B ({d_out}, {r}) [out, r] for r={r}"
+                     f"{where} and the kernel {shape} [in, out]")
+  leaf = {"a": jnp.asarray(A.T, dtype), "b": jnp.asarray(B.T, dtype)}
+  if use_dora:
+    m = params["lora_magnitude_vector"]
+    _fit(module, path, "lora_magnitude_vector", m.shape, (d_out,))
+    leaf["m"] = jnp.asarray(m, dtype)
+  return leaf, (r, alpha)
+
+
+def _leaf_adalora(config, module, path, params, shape, dtype):
+  """AdaLoRA: pruned triplets (after rank allocation peft saves only the kept ones, listed by
+  ``rank_pattern``) are put back as zeros at their positions, so every leaf has ``init_r``
+  triplets (peft's scale ``alpha / (init_r + 1e-5)`` and our layout; a zero ``e_i`` is a
+  masked triplet, as during training)."""
+  init_r = int(config.get("init_r", 12))
+  d_in, d_out = shape
+  A, E, B = params["lora_A"], params["lora_E"].reshape(-1), params["lora_B"]
+  keep = (config.get("rank_pattern") or {}).get(module + ".lora_E")
+  if keep is None:
+    keep = [True] * init_r
+  keep = np.asarray(keep, bool)
+  k = int(keep.sum())
+  if len(keep) != init_r or A.shape != (k, d_in) or E.shape != (k,) or B.shape != (d_out, k):
+    raise ValueError(f"module {module!r} -> '{path}': lora_A {A.shape}, lora_E {params['lora_E'].shape}, "
+                     f"lora_B {B.shape} do not fit: expected ({k}, {d_in}), ({k}, 1), ({d_out}, {k}) "
+                     f"(init_r={init_r}, {k} triplets kept by rank_pattern, kernel {shape} [in, out])")
+  a = np.zeros((d_in, init_r), A.dtype)
+  e = np.zeros((init_r,), E.dtype)
+  b = np.zeros((init_r, d_out), B.dtype)
+  a[:, keep], e[keep], b[keep] = A.T, E, B.T
+  return {"a": jnp.asarray(a, dtype), "e": jnp.asarray(e, dtype), "b": jnp.asarray(b, dtype)}
+
+
+def _leaf_named(prefix: str, ours: Callable[[str], str]):
+  """LoKr / LoHa / VeRA / IA3: each peft tensor ``<prefix><name>`` is our ``ours(name)``,
+  transposed (IA3's ``[out, 1]`` or ``[1, in]`` column is our vector)."""
+  def read(config, kind, module, path, params, shape, dtype):
+    unknown = sorted(p for p in params if not p.startswith(prefix))
+    if unknown:
+      raise ValueError(f"module {module!r}: tensors {unknown} do not belong to a {kind} adapter")
+    if any(p.endswith(("_t1", "_t2")) for p in params):
+      raise NotImplementedError(f"module {module!r}: {sorted(params)}: Tucker cores of convolutions "
+                                f"are not supported (linear layers only)")
+    if len(shape) != 2:
+      raise ValueError(f"module {module!r} -> '{path}': base leaf has shape {shape}, not a matrix")
+    leaf = {}
+    for p, v in params.items():
+      v = np.asarray(v)
+      leaf[ours(p[len(prefix):])] = jnp.asarray(v.reshape(-1) if prefix == "ia3_" else v.T, dtype)
+    key = _hparams(config, kind, module) if kind in ("LOKR", "LOHA") else ()
+    return leaf, key
+  return read
+
+
+def _ia3_name(feedforward: bool) -> Callable[[str], str]:
+  return lambda name: "l_in" if feedforward else "l_out"
+
+
+_LEAF_READERS = {
+  "LORA": _leaf_lora,
+  "ADALORA": _leaf_lora,
+  "LOKR": _leaf_named("lokr_", lambda n: n),
+  "LOHA": _leaf_named("hada_", lambda n: n),
+  "VERA": _leaf_named("vera_", lambda n: n),
+}
+
+
+def _build(kind: str, config: dict, mask: PyTree, key: tuple, shared: dict, ff_paths: list[str],
+           dtype) -> Reparam:
+  """The registry method of one group of modules (same hyper-parameters)."""
+  if kind in ("LORA",):
+    r, alpha = key
+    return registry.build("dora" if config.get("use_dora") else "lora", where=mask, rank=r, alpha=alpha,
+                          rslora=bool(config.get("use_rslora")),
+                          dropout=float(config.get("lora_dropout") or 0.0), dtype=dtype)
+  if kind == "ADALORA":
+    return registry.build("adalora", where=mask, init_r=int(config.get("init_r", 12)),
+                          alpha=float(config.get("lora_alpha", 8)), dtype=dtype)
+  if kind == "LOKR":
+    r, alpha = key
+    return registry.build("lokr", where=mask, rank=r, alpha=alpha,
+                          decompose_both=bool(config.get("decompose_both")),
+                          decompose_factor=int(config.get("decompose_factor", -1)), dtype=dtype)
+  if kind == "LOHA":
+    r, alpha = key
+    return registry.build("loha", where=mask, rank=r, alpha=alpha, dtype=dtype)
+  if kind == "VERA":
+    if set(shared) != {"vera_A", "vera_B"}:
+      raise ValueError(f"a VeRA adapter saved with save_projection=True holds base_model.vera_A and "
+                       f"base_model.vera_B; found model-level tensors {sorted(shared)}")
+    a, b = jnp.asarray(shared["vera_A"].T, dtype), jnp.asarray(shared["vera_B"].T, dtype)
+    r = int(config.get("r", 256))
+    if a.shape[1] != r or b.shape[0] != r:
+      raise ValueError(f"VeRA projections vera_A {shared['vera_A'].shape} [r, in_max] and vera_B "
+                       f"{shared['vera_B'].shape} [out_max, r] do not have r={r} of adapter_config.json")
+    return registry.build("vera", where=mask, rank=r, projections=(a, b),
+                          d_initial=float(config.get("d_initial", 0.1)),
+                          dropout=float(config.get("vera_dropout") or 0.0), dtype=dtype)
+  if kind == "IA3":
+    return registry.build("ia3", where=mask, feedforward=["^" + re.escape(p) + "$" for p in ff_paths] or None,
+                          dtype=dtype)
+  raise NotImplementedError(kind)
+
+
+class PerModule(NamedTuple):
+  """``Reparam.config`` of :func:`per_module`: the configs of its parts, in order."""
+  parts: tuple
+
+
+def per_module(parts: list[tuple[PyTree, Reparam]]) -> Reparam:
+  """Per-leaf reparams over disjoint sets of leaves that share one ``phi`` mirror tree
+  (e.g. LoRA with another rank and alpha per module: peft's ``rank_pattern`` /
+  ``alpha_pattern``). ``parts`` are ``(mask, reparam)`` with each reparam built on its mask;
+  each part sees ``phi`` at its own leaves only (``None`` elsewhere)."""
+
+  def restrict(theta0, phi, mask):
+    treedef = jax.tree_util.tree_structure(theta0, is_leaf=lazy.is_lazy)
+    flags = jax.tree_util.tree_leaves(mask)
+    return jax.tree_util.tree_unflatten(treedef, [p if f else None for p, f in
+                                                  zip(treedef.flatten_up_to(phi), flags)])
+
+  def init(key, theta0):
+    phis = [r.init(jax.random.fold_in(key, i), theta0) for i, (_, r) in enumerate(parts)]
+    treedef = jax.tree_util.tree_structure(theta0, is_leaf=lazy.is_lazy)
+    flat = [treedef.flatten_up_to(p) for p in phis]
+    return jax.tree_util.tree_unflatten(treedef, [next((x for x in xs if x is not None), None)
+                                                  for xs in zip(*flat)])
+
+  def apply(theta0, phi, rng=None):
+    theta = theta0
+    for i, (mask, r) in enumerate(parts):
+      theta = r.apply(theta, restrict(theta0, phi, mask), None if rng is None else jax.random.fold_in(rng, i))
+    return theta
+
+  unmerge = None
+  if all(r.unmerge is not None for _, r in parts):
+    def unmerge(theta, phi):
+      for mask, r in reversed(parts):
+        theta = r.unmerge(theta, restrict(theta, phi, mask))
+      return theta
+
+  return Reparam(init=init, apply=apply, init_with_base=lambda key, theta0: (theta0, init(key, theta0)),
+                 unmerge=unmerge, config=PerModule(tuple(r.config for _, r in parts)))
 
 
 def load_peft_adapter(folder: str | os.PathLike, theta0: PyTree, *,
                       module_to_path: Callable[[str], str] = bert_module_to_path,
+                      tensor_to_path: Optional[Callable[[str, int], str]] = None,
                       dtype=jnp.float32) -> PeftAdapter:
-  """Imports a PEFT LoRA / DoRA / AdaLoRA adapter folder onto our parameter tree.
+  """Imports a PEFT adapter folder onto our parameter tree.
+
+  Supported: LoRA (rsLoRA, DoRA, ``rank_pattern`` / ``alpha_pattern``,
+  ``layers_to_transform``, ``bias="all"`` / ``"lora_only"``, ``modules_to_save``, expert
+  stacks of decoder families), AdaLoRA (also after rank allocation), LoKr, LoHa, VeRA
+  (saved projections) and IA3. ``adapter_config.json`` is checked before any tensor is
+  read; what cannot be represented raises ``NotImplementedError`` saying what and why
+  (PiSSA/OLoRA/LoftQ adapters relative to a rewritten base, trained ``lora_B`` biases,
+  trainable tokens, ...). The tensors are read without torch and checked finite; a
+  target that does not fit names the module, our path, the expected and the found shapes.
 
   Args:
     folder: the adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``).
     theta0: the base parameters (arrays or ``jax.ShapeDtypeStruct``), used for the tree
       structure and to check every adapter shape against its kernel.
     module_to_path: peft module name -> our leaf path.
-    dtype: dtype of the imported adapter arrays.
+    tensor_to_path: ``(torch tensor name, ndim) -> our path`` of trained base tensors
+      (biases, ``modules_to_save``); default: the BERT loader's renaming with the BERT
+      mapping, else the kernel / bias beside ``module_to_path(module)``.
+    dtype: dtype of the imported adapter arrays (trained base tensors keep the base's).
 
   Returns:
-    A :class:`PeftAdapter` ``(reparam, phi, config)``; ``phi`` mirrors ``theta0`` with
-    ``None`` at the leaves the adapter does not touch.
+    A :class:`PeftAdapter` ``(reparam, phi, config)``. ``phi`` mirrors ``theta0`` with
+    ``None`` at the leaves the adapter does not touch; with trained biases or
+    ``modules_to_save`` the reparam is ``chain(adapter, full(those leaves))`` and ``phi``
+    the pair. ``reparam.config`` is the registry config (a :class:`PerModule` of them when
+    modules differ in rank or alpha, a tuple for the chain).
   """
-  config, modules = read_peft_folder(folder)
-  kind = _check_supported(config)
-  use_dora = bool(config.get("use_dora"))
+  folder = os.fspath(folder)
+  config, cfg_path = _read_config(folder)
+  kind = _check_config(config, cfg_path)           # the config alone, before any tensor
+  w_path, tensors = _read_tensors(folder)
+  modules = _group(tensors, w_path)
+  shared = modules.pop("", {})
+  if shared and kind != "VERA":
+    raise ValueError(f"{w_path}: model-level tensors {sorted(shared)} in a {kind} adapter")
   items = tree_lib.flatten_with_paths(theta0)
   index = {p: i for i, (p, _) in enumerate(items)}
+  treedef = jax.tree_util.tree_structure(theta0, is_leaf=lazy.is_lazy)
+  to_path = tensor_to_path or _default_tensor_to_path(module_to_path)
   leaves: list[Optional[dict]] = [None] * len(items)
-  ranks = set()
-  stacked = False
+  groups: list[Optional[tuple]] = [None] * len(items)
+  trained: list[Any] = [None] * len(items)
+  ff_paths, ranks, stacked = [], set(), False
+  feedforward = config.get("feedforward_modules") or []
   for module, params in modules.items():
-    path = module_to_path(module)
+    base_params = {k: v for k, v in params.items() if k in ("weight", "bias")}
+    params = {k: v for k, v in params.items() if k not in ("weight", "bias")}
+    for pname, value in base_params.items():
+      _place_trained(config, kind, module, pname, value, to_path, index, items, trained, w_path)
+    if not params:
+      continue
+    foreign = sorted(set(params) - set(_TUNER_PARAMS[kind]))
+    if foreign:
+      raise ValueError(f"{w_path}: module {module!r} has tensors {foreign}, which do not belong to a {kind} "
+                       f"adapter (its parameters: {', '.join(_TUNER_PARAMS[kind])})")
+    if not config.get("target_parameters") and not _targeted(config, module):
+      raise ValueError(f"{w_path} holds {kind} tensors of module {module!r}, which {CONFIG_NAME} does not "
+                       f"target (target_modules={config.get('target_modules')!r}, layers_to_transform="
+                       f"{config.get('layers_to_transform')!r}); peft would not load them")
+    path = _module_path(module_to_path, module)
     if path not in index and any(p.startswith(path + "/") for p in index):  # an expert ParamWrapper
-      if kind != "LORA" or use_dora:
+      if kind != "LORA" or config.get("use_dora"):
         raise NotImplementedError(f"module {module!r}: only plain LoRA is supported on expert stacks")
       for leaf_path, leaf in _expert_leaves_from_peft(module, path, params, index, items, dtype).items():
         if leaves[index[leaf_path]] is not None:
@@ -272,19 +619,129 @@ def load_peft_adapter(folder: str | os.PathLike, theta0: PyTree, *,
     if path not in index:
       raise KeyError(f"adapter module {module!r} maps to path {path!r}, which is not in the base "
                      f"tree; paths near it: {[p for p in index if p.rsplit('/', 1)[0] == path.rsplit('/', 1)[0]]}")
-    w = items[index[path]][1]
-    leaf = _leaf_from_peft(kind, use_dora, module, path, params, tuple(w.shape), dtype)
-    ranks.add(int(leaf["a"].shape[1]))
-    leaves[index[path]] = leaf
-  if not modules:
+    shape = tuple(items[index[path]][1].shape)
+    if kind == "IA3":
+      ff = _targeted({"target_modules": feedforward}, module) if feedforward else False
+      leaf = _leaf_named("ia3_", _ia3_name(ff))(config, kind, module, path, params, shape, dtype)[0]
+      want = (shape[0],) if ff else (shape[1],)
+      _fit(module, path, "ia3_l (as a vector)", leaf["l_in" if ff else "l_out"].shape, want)
+      if ff:
+        ff_paths.append(path)
+      key = ()
+    else:
+      leaf, key = _LEAF_READERS[kind](config, kind, module, path, params, shape, dtype)
+      if kind == "LORA":
+        ranks.add(int(leaf["a"].shape[1]))
+    leaves[index[path]], groups[index[path]] = leaf, key
+  if not any(l is not None for l in leaves):
     raise ValueError(f"{folder} holds no adapter tensors")
-  treedef = jax.tree_util.tree_structure(theta0, is_leaf=lazy.is_lazy)
+  if stacked:
+    mask = jax.tree_util.tree_unflatten(treedef, [l is not None for l in leaves])
+    r = int(config.get("r", 0))
+    leaf_ranks = {path: int(l["a"].shape[-1]) for (path, _), l in zip(items, leaves)
+                  if l is not None and int(l["a"].shape[-1]) != r}
+    reparam = _stacked_reparam(config, mask, ranks, leaf_ranks)
+  else:
+    keys = list(dict.fromkeys(g for g in groups if g is not None))
+    parts = []
+    for key in keys:
+      mask = jax.tree_util.tree_unflatten(treedef, [g == key for g in groups])
+      if kind == "LORA" and _init_of(config) in ("pissa", "olora"):
+        key = _relative_to_pretrained(config, key, mask, theta0, treedef, leaves, folder)
+      parts.append((mask, _build(kind, config, mask, key, shared, ff_paths, dtype)))
+    reparam = parts[0][1] if len(parts) == 1 else per_module(parts)
   phi = jax.tree_util.tree_unflatten(treedef, leaves)
-  mask = jax.tree_util.tree_unflatten(treedef, [l is not None for l in leaves])
-  r = int(config.get("r", 0))
-  leaf_ranks = {path: int(l["a"].shape[-1]) for (path, _), l in zip(items, leaves)
-                if l is not None and "e" not in l and int(l["a"].shape[-1]) != r}
-  return PeftAdapter(reparam=_reparam(kind, config, mask, ranks, stacked, leaf_ranks), phi=phi, config=config)
+  _check_fits(reparam, theta0, phi, folder, items, modules, module_to_path)
+  if any(t is not None for t in trained):
+    mask = jax.tree_util.tree_unflatten(treedef, [t is not None for t in trained])
+    reparam = chain(reparam, registry.build("full", where=mask))
+    phi = (phi, jax.tree_util.tree_unflatten(treedef, trained))
+  return PeftAdapter(reparam=reparam, phi=phi, config=config)
+
+
+def _relative_to_pretrained(config, key, mask, theta0, treedef, leaves, folder) -> tuple:
+  """A PiSSA / OLoRA adapter (``A B`` relative to the residual ``W - s A0 B0``) as the LoRA
+  of rank ``2r`` relative to the pretrained base ``W``: ``[A | A0] [B; -B0] = A B - A0 B0``,
+  the same scale (``alpha`` doubled, ``sqrt 2`` times with rsLoRA), exactly what peft's
+  ``path_initial_model_for_weight_conversion`` writes. ``A0 B0`` is re-derived from ``W``
+  (the SVD or QR of the initialisation is deterministic), as peft does when it loads such a
+  folder. Rewrites ``leaves`` in place; returns the group's new ``(r, alpha)``."""
+  r, alpha = key
+  if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(theta0)):
+    raise ValueError(f"{folder}: a {_init_of(config)}-initialised adapter is re-derived from the base "
+                     f"weights; pass theta0 as arrays, not jax.ShapeDtypeStruct")
+  init = registry.build("lora", where=mask, rank=r, alpha=alpha, rslora=bool(config.get("use_rslora")),
+                        init=_init_of(config))
+  _, phi0 = lj_initialize(init, jax.random.key(0), theta0)
+  for i, (leaf, p0) in enumerate(zip(leaves, treedef.flatten_up_to(phi0))):
+    if p0 is not None and leaf is not None:
+      leaves[i] = {"a": jnp.concatenate([leaf["a"], p0["a"].astype(leaf["a"].dtype)], axis=1),
+                   "b": jnp.concatenate([leaf["b"], -p0["b"].astype(leaf["b"].dtype)], axis=0)}
+  return 2 * r, alpha * (2 ** 0.5 if config.get("use_rslora") else 2)
+
+
+def _place_trained(config, kind, module, pname, value, to_path, index, items, trained, w_path) -> None:
+  """A trained base tensor (``bias="all"`` / ``"lora_only"``, ``modules_to_save``) into
+  ``trained`` at its path, in our layout (kernels transposed)."""
+  name = f"{module}.{pname}"
+  saved = _saved_module(config, module)
+  if not saved and not (pname == "bias" and config.get("bias", "none") in ("all", "lora_only")):
+    raise ValueError(f"{w_path} holds the base tensor {name!r}, but {CONFIG_NAME} neither trains "
+                     f"biases (bias={config.get('bias', 'none')!r}) nor lists {module!r} in "
+                     f"modules_to_save={config.get('modules_to_save')!r}")
+  try:
+    path = to_path(name, value.ndim)
+  except KeyError as e:
+    raise KeyError(f"{name!r} ({'modules_to_save' if saved else 'trained bias'}): no path for it "
+                   f"({e}); pass tensor_to_path=") from None
+  if path not in index:
+    raise KeyError(f"{name!r} ({'modules_to_save' if saved else 'trained bias'}) maps to {path!r}, "
+                   f"which is not in the base tree")
+  like = items[index[path]][1]
+  ours = np.asarray(value).T if path.endswith("/kernel") else np.asarray(value)
+  if tuple(ours.shape) != tuple(like.shape):
+    raise ValueError(f"{name!r} -> '{path}': shape {tuple(ours.shape)} (our layout), the base leaf has "
+                     f"{tuple(like.shape)}")
+  trained[index[path]] = {"w": jnp.asarray(ours, like.dtype)}  # the layout of lowrank_jax.full
+
+
+def _check_fits(reparam, theta0, phi, folder, items, modules, module_to_path) -> None:
+  """Runs the reparam's own checks (``phi`` against the method on ``theta0``) abstractly, so a
+  module whose tensors do not fit is named now, with its peft name."""
+  try:
+    jax.eval_shape(lambda t, p: reparam.apply(t, p), _abstract_tree(theta0), phi)
+  except PhiMismatchError as e:
+    by_path = {}
+    for module in modules:
+      try:
+        by_path[module_to_path(module)] = module
+      except KeyError:
+        pass
+    m = re.search(r"'([^']+)'", str(e))
+    module = by_path.get(m.group(1)) if m else None
+    raise ValueError(f"{folder}: {'module ' + repr(module) + ': ' if module else ''}{e}") from e
+
+
+def _abstract_tree(tree: PyTree) -> PyTree:
+  return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
+
+
+def _stacked_reparam(config: dict, mask: PyTree, ranks: set, leaf_ranks: dict[str, int]) -> Reparam:
+  """LoRA on expert stacks (peft's ``target_parameters``): the tensors' own ranks (fused
+  stacks: ``rank_pattern`` entries that keep the scale) at the config's scale."""
+  r, alpha = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
+  root = (lambda x: x ** 0.5) if config.get("use_rslora") else (lambda x: x)
+  rp, ap = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+  for key in set(rp) | set(ap):
+    rk, ak = int(rp.get(key, r)), float(ap.get(key, alpha))
+    if abs(ak / root(rk) - alpha / root(r)) > 1e-9 * abs(alpha / root(r)):
+      raise NotImplementedError(f"rank_pattern/alpha_pattern entry {key!r} (r={rk}, alpha={ak}) changes "
+                                f"the LoRA scale of expert stacks from {alpha / root(r)}")
+  if config.get("lora_dropout"):
+    raise NotImplementedError("lora_dropout on expert stacks (peft does not support it either)")
+  pattern = {"^" + re.escape(p) + "$": k for p, k in leaf_ranks.items()}
+  return registry.build("batched_lora", where=mask, rank=r, alpha=alpha, rslora=bool(config.get("use_rslora")),
+                        rank_pattern=pattern or None)
 
 
 def _expert_leaves_from_peft(module, node, params, index, items, dtype) -> dict[str, dict]:
@@ -314,58 +771,6 @@ def _expert_leaves_from_peft(module, node, params, index, items, dtype) -> dict[
           f"{node}/up_proj/kernel": {"a": a, "b": b[..., f:]}}
 
 
-def _leaf_from_peft(kind, use_dora, module, path, params, shape, dtype) -> dict:
-  expect = {"lora_A", "lora_B"} | ({"lora_E"} if kind == "ADALORA" else set()) | (
-      {"lora_magnitude_vector"} if use_dora else set())
-  if set(params) != expect:
-    raise ValueError(f"module {module!r}: tensors {sorted(params)} but a {kind}"
-                     f"{' (DoRA)' if use_dora else ''} adapter needs {sorted(expect)}")
-  A, B = params["lora_A"], params["lora_B"]
-  if len(shape) != 2:
-    raise ValueError(f"module {module!r} -> '{path}': base leaf has shape {shape}, not a matrix")
-  d_in, d_out = shape
-  if A.ndim != 2 or B.ndim != 2 or A.shape[1] != d_in or B.shape[0] != d_out or A.shape[0] != B.shape[1]:
-    raise ValueError(f"module {module!r} -> '{path}': lora_A {A.shape} [r, in] and lora_B {B.shape} "
-                     f"[out, r] do not fit the kernel {shape} [in, out]")
-  leaf = {"a": jnp.asarray(A.T, dtype), "b": jnp.asarray(B.T, dtype)}
-  if kind == "ADALORA":
-    leaf = {"a": leaf["a"], "e": jnp.asarray(params["lora_E"].reshape(-1), dtype), "b": leaf["b"]}
-  if use_dora:
-    m = params["lora_magnitude_vector"]
-    if m.shape != (d_out,):
-      raise ValueError(f"module {module!r} -> '{path}': lora_magnitude_vector {m.shape} != ({d_out},)")
-    leaf["m"] = jnp.asarray(m, dtype)
-  return leaf
-
-
-def _reparam(kind: str, config: dict, mask: PyTree, ranks: set, stacked: bool = False,
-             leaf_ranks: Optional[dict[str, int]] = None) -> Reparam:
-  if kind == "ADALORA":
-    init_r = int(config.get("init_r", 12))
-    if config.get("rank_pattern") or ranks != {init_r}:
-      raise NotImplementedError(
-          f"AdaLoRA adapters resized by a rank_pattern (tensor ranks {sorted(ranks)}, init_r={init_r}) "
-          f"are not supported; peft's scaling of resized modules depends on how they were loaded")
-    return adalora_lib.adalora(mask, init_r=init_r, alpha=config.get("lora_alpha", 8))
-  patterns = bool(config.get("rank_pattern") or config.get("alpha_pattern"))
-  if len(ranks) != 1 and not patterns:
-    raise NotImplementedError(f"adapter has several ranks {sorted(ranks)} without a rank_pattern")
-  rank = int(config["r"]) if patterns else ranks.pop()
-  if not patterns and rank != int(config.get("r", rank)):
-    raise ValueError(f"adapter tensors have rank {rank} but adapter_config.json says r={config.get('r')}")
-  kw = dict(rank=rank, alpha=config.get("lora_alpha", 8), rslora=bool(config.get("use_rslora")),
-            dropout=float(config.get("lora_dropout") or 0.0))
-  if stacked or (patterns and leaf_ranks):
-    if kw.pop("dropout") or config.get("use_dora"):
-      raise NotImplementedError("lora_dropout or DoRA with expert stacks or a rank_pattern")
-    # the tensors' own ranks (rank_pattern, fused expert stacks) at the config's scale
-    pattern = {"^" + re.escape(p) + "$": r for p, r in (leaf_ranks or {}).items()}
-    return batched_lib.batched_lora(mask, **kw, rank_pattern=pattern)
-  if config.get("use_dora"):
-    return dora_lib.dora(mask, **kw)
-  return lora_lib.lora(mask, **kw)
-
-
 # --------------------------------------------------------------------------- writing
 
 
@@ -390,31 +795,220 @@ def _is_adapter_leaf(x) -> bool:
   return isinstance(x, dict) and "a" in x and "b" in x
 
 
+# Methods with no peft counterpart, and why (the export refuses them by name).
+_NO_PEFT = {
+  "glora": "peft 0.21 has no GLoRA tuner",
+  "intrinsic_said": "peft has no intrinsic-dimension (SAID) tuner",
+  "bottleneck_adapters": "peft has no bottleneck adapters",
+  "prefix_tuning": "peft's prefix tuning is a prompt-learning adapter (past_key_values), not written here",
+  "qalora": "peft's QA-LoRA (use_qalora) pools the adapter input differently from lowrank_jax's",
+  "l4q": "L4Q trains the quantized merged weight itself: there is no adapter to export (save the merged model)",
+  "full": "full fine-tuning alone has no adapter (save the merged model, or chain it after an adapter: "
+          "modules_to_save / trained biases)",
+}
+_EXPORTABLE = ("lora", "dora", "adalora", "lokr", "loha", "vera", "ia3", "batched_lora", "loftq")
+
+
+class _Plan(NamedTuple):
+  """What to write: the adapter method's config(s) (one per group of modules), its ``phi``,
+  and the ``phi`` of chained ``full`` entries (trained biases, ``modules_to_save``)."""
+  name: str
+  configs: tuple          # MethodConfig per group (a PerModule's parts, else one)
+  phi: PyTree
+  trained: tuple          # phi of full entries
+
+
+def _plan(reparam: Reparam, phi: PyTree) -> _Plan:
+  """Reads ``reparam.config`` (see :class:`~lowrank_jax.Reparam`): one method, a
+  :class:`PerModule`, or a chain of one adapter method and ``full`` entries."""
+  cfg = reparam.config
+  is_chain = isinstance(cfg, tuple) and not isinstance(cfg, PerModule)
+  if cfg is None:
+    raise ValueError("save_peft_adapter: reparam.config is None (built outside the method registry): "
+                     "build it with lowrank_jax.methods.registry (build / build_from / chain_from) so "
+                     "the export can read its settings, or pass rank=, alpha= and use_rslora=")
+  entries = list(cfg) if is_chain else [cfg]
+  phis = list(phi) if is_chain else [phi]
+  if is_chain and (not isinstance(phi, (tuple, list)) or len(phi) != len(cfg)):
+    raise ValueError(f"save_peft_adapter: the reparam is a chain of {len(cfg)} entries; phi must be the "
+                     f"tuple of their parameters")
+  adapter, trained = None, []
+  for c, p in zip(entries, phis):
+    name = c.parts[0].method_name if isinstance(c, PerModule) else getattr(c, "method_name", None)
+    if name is None:
+      raise ValueError(f"save_peft_adapter: a chain entry has no registry config ({c!r})")
+    if name == "full" and not isinstance(c, PerModule):
+      trained.append(p)
+      continue
+    if name in _NO_PEFT:
+      raise NotImplementedError(f"save_peft_adapter: {name} cannot be written as a peft adapter: {_NO_PEFT[name]}")
+    if name not in _EXPORTABLE:
+      raise NotImplementedError(f"save_peft_adapter: no peft export for {name!r} (exportable: {_EXPORTABLE})")
+    if adapter is not None:
+      raise NotImplementedError(f"save_peft_adapter: a peft adapter holds one method; the chain has "
+                                f"{adapter[0]} and {name}")
+    configs = c.parts if isinstance(c, PerModule) else (c,)
+    if name == "lora" and configs[0].bias != "none":  # lora(bias=...) is chain(lora, full(biases))
+      if not (isinstance(p, (tuple, list)) and len(p) == 2):
+        raise ValueError(f"save_peft_adapter: LoRA with bias={configs[0].bias!r} has phi (lora, biases)")
+      p, biases = p
+      trained.append(biases)
+    adapter = (name, configs, p)
+  if adapter is None:
+    raise NotImplementedError(f"save_peft_adapter: {_NO_PEFT['full']}")
+  return _Plan(adapter[0], adapter[1], adapter[2], tuple(trained))
+
+
+def _same(a, b) -> bool:
+  return abs(float(a) - float(b)) <= 1e-9 * max(1.0, abs(float(b)))
+
+
+def _contradictions(plan: _Plan, rank, alpha, use_rslora) -> None:
+  """The old keyword arguments must agree with the reparam's own config."""
+  cfg = plan.configs[0]
+  got = {"rank": rank, "alpha": alpha, "use_rslora": use_rslora}
+  mine = {"rank": getattr(cfg, "rank", getattr(cfg, "init_r", None)),
+          "alpha": getattr(cfg, "alpha", None), "use_rslora": getattr(cfg, "rslora", False)}
+  if mine["alpha"] is None:
+    mine["alpha"] = mine["rank"]
+  for k, v in got.items():
+    if v is None:
+      continue
+    if len(plan.configs) > 1 and k != "use_rslora":
+      raise ValueError(f"save_peft_adapter: {k}={v!r} given, but the reparam sets it per module "
+                       f"({[getattr(c, 'rank', None) for c in plan.configs]}); leave it out")
+    if (k == "use_rslora" and bool(v) != bool(mine[k])) or (k != "use_rslora" and not _same(v, mine[k])):
+      raise ValueError(f"save_peft_adapter: {k}={v!r} contradicts the reparam's config ({plan.name} with "
+                       f"{k}={mine[k]!r}); leave it out (the reparam's own settings are written)")
+
+
+def _scale_key(c) -> tuple[int, float]:
+  r = getattr(c, "rank")
+  return r, float(r if c.alpha is None else c.alpha)
+
+
+def _patterns(plan: _Plan, module_of: dict[str, str], phi_items) -> tuple[int, float, dict, dict]:
+  """``(r, alpha, rank_pattern, alpha_pattern)``: the most common ``(r, alpha)`` as the default,
+  the modules of other groups by their full (escaped) name."""
+  by_path = {}
+  for c in plan.configs:
+    mask = c.where
+    for (path, _), m in zip(phi_items, jax.tree_util.tree_leaves(mask) if isinstance(mask, dict) else []):
+      if m:
+        by_path[path] = _scale_key(c)
+  if len(plan.configs) == 1:
+    r, a = _scale_key(plan.configs[0])
+    return r, a, {}, {}
+  counts: dict = {}
+  for key in by_path.values():
+    counts[key] = counts.get(key, 0) + 1
+  r, a = max(counts, key=counts.get)
+  rp, ap = {}, {}
+  for path, (rk, ak) in by_path.items():
+    if path in module_of:
+      if rk != r:
+        rp[re.escape(module_of[path])] = rk
+      if not _same(ak, a):
+        ap[re.escape(module_of[path])] = ak
+  return r, a, rp, ap
+
+
+def _torch_name(path: str, path_to_module: Callable[[str], str]) -> str:
+  """The torch tensor name of our leaf ``path`` (a kernel -> ``<module>.weight``)."""
+  if path_to_module is bert_path_to_module:
+    return bert.hf_name(path)
+  parent, _, last = path.rpartition("/")
+  module = path_to_module(parent + "/kernel")
+  return module + "." + {"kernel": "weight", "scale": "weight", "embedding": "weight"}.get(last, last)
+
+
 def save_peft_adapter(folder: str | os.PathLike, phi: PyTree, config: Optional[dict] = None, *,
+                      reparam: Optional[Reparam] = None,
                       rank: Optional[int] = None, alpha: Optional[float] = None,
-                      use_rslora: bool = False,
+                      use_rslora: Optional[bool] = None,
                       path_to_module: Callable[[str], str] = bert_path_to_module,
                       base_model_name_or_path: Optional[str] = None,
+                      rewritten_base: str = "convert", theta0: PyTree = None,
+                      initial_phi: PyTree = None, base: PyTree = None,
                       overwrite: bool = False) -> None:
   """Writes ``phi`` as a PEFT adapter folder, atomically.
 
+  The settings come from the reparam's own config (``reparam.config``, recorded by the
+  method registry and by :func:`load_peft_adapter`): LoRA (rsLoRA, DoRA, per-module ranks
+  and alphas as ``rank_pattern`` / ``alpha_pattern``, ``bias="all"`` / ``"lora_only"``),
+  AdaLoRA, LoKr, LoHa, VeRA, IA3, LoRA on expert stacks, and ``full`` entries chained after
+  the adapter (trained biases, other modules as ``modules_to_save``). Methods peft cannot
+  represent are refused, saying why.
+
+  Adapters whose initialisation rewrote the base (``init="pissa"`` / ``"olora"``, LoftQ):
+  ``rewritten_base="convert"`` (default; PiSSA / OLoRA) writes the LoRA of rank ``2r``
+  relative to the pretrained base, ``[A | A0] [B; -B0] = A B - A0 B0`` at the same scale, as
+  peft's ``save_pretrained(path_initial_model_for_weight_conversion=...)`` does; ``A0 B0``
+  is ``initial_phi`` or re-derived from the pretrained ``theta0``. ``"keep"`` writes the
+  adapter as trained (PiSSA / OLoRA with their ``init_lora_weights``, which peft re-derives
+  from the pretrained base when it loads them) and, given ``base`` (the rewritten base
+  ``theta0'``), the rewritten weights of the adapted modules in ``rewritten_base.safetensors``
+  beside it (torch names and layout; LoftQ needs them: load them into the model first).
+
   Args:
     folder: target folder (must not exist unless ``overwrite``).
-    phi: LoRA / DoRA / AdaLoRA parameters (``None`` holes); DoRA leaves carry ``"m"``.
-    config: an ``adapter_config.json`` dict to write as is (e.g. from
-      :func:`load_peft_adapter`); if ``None``, built by :func:`lora_config` from
-      ``rank``, ``alpha``, ``use_rslora`` and the module names.
-    rank, alpha, use_rslora: the LoRA hyper-parameters when ``config`` is ``None``.
+    phi: the parameters (``None`` holes; a tuple for a chain).
+    config: an ``adapter_config.json`` dict to write as is (e.g. from :func:`load_peft_adapter`).
+    reparam: the reparam ``phi`` belongs to; its ``config`` says what to write.
+    rank, alpha, use_rslora: the old way to say the LoRA settings (without ``reparam``:
+      ``alpha`` must be given, a forgotten one would write ``lora_alpha = r``); with
+      ``reparam`` they must agree with its config.
     path_to_module: our leaf path -> peft module name.
     base_model_name_or_path: recorded in a generated config.
+    rewritten_base: ``"convert"`` or ``"keep"`` (see above).
+    theta0, initial_phi, base: the pretrained base, the initial ``phi`` and the rewritten
+      base of a base-rewriting adapter (see above).
     overwrite: replace an existing folder.
   """
-  from safetensors.numpy import save_file
   folder = os.path.abspath(os.fspath(folder))
+  if rewritten_base not in ("convert", "keep"):
+    raise ValueError(f"rewritten_base must be 'convert' or 'keep', got {rewritten_base!r}")
+  extra_files: dict[str, dict[str, np.ndarray]] = {}
+  if config is None and reparam is not None:
+    plan = _plan(reparam, phi)
+    _contradictions(plan, rank, alpha, use_rslora)
+    validate.check_finite(plan.phi, what="save_peft_adapter: phi")
+    tensors, config = _from_plan(plan, path_to_module, base_model_name_or_path, rewritten_base,
+                                 theta0, initial_phi, base, extra_files)
+  else:
+    validate.check_finite(phi, what="save_peft_adapter: phi")
+    tensors, config = _lora_tensors(phi, config, rank, alpha, bool(use_rslora), path_to_module,
+                                    base_model_name_or_path)
+  _write(folder, tensors, config, overwrite, extra_files)
+
+
+def _write(folder: str, tensors: dict, config: dict, overwrite: bool, extra_files: dict) -> None:
+  parent = os.path.dirname(folder)
+  os.makedirs(parent, exist_ok=True)
+  if os.path.exists(folder) and not overwrite:
+    raise FileExistsError(f"{folder} exists; pass overwrite=True to replace it")
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.tmp_", dir=parent)
+  try:
+    st.save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
+    for name, extra in extra_files.items():
+      st.save_file(extra, os.path.join(tmp, name), metadata={"format": "pt"})
+    with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
+      json.dump(config, f, indent=2, sort_keys=True)
+      f.write("\n")
+    st.replace_folder(tmp, folder)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def _lora_tensors(phi, config, rank, alpha, use_rslora, path_to_module, base_model_name_or_path):
+  """The LoRA-family tensors of ``phi`` and, without ``config``, a LoRA config from the
+  loose arguments (the path without a reparam)."""
   tensors: dict[str, np.ndarray] = {}
   modules = []
   dora = adalora = False
   experts: dict[str, dict[str, dict]] = {}
+  keep = (config or {}).get("rank_pattern") if (config or {}).get("peft_type") == "ADALORA" else None
   for path, leaf in _adapter_items(phi):
     if np.ndim(leaf["a"]) == 3:  # an expert stack: written fused, per layer, below
       node, _, rest = path.rpartition("/mlp/experts/")
@@ -426,9 +1020,11 @@ def save_peft_adapter(folder: str | os.PathLike, phi: PyTree, config: Optional[d
     a, b = np.asarray(leaf["a"]), np.asarray(leaf["b"])
     if "e" in leaf:
       adalora = True
-      tensors[base + ".lora_A"] = np.ascontiguousarray(a.T)
-      tensors[base + ".lora_E"] = np.ascontiguousarray(np.asarray(leaf["e"]).reshape(-1, 1))
-      tensors[base + ".lora_B"] = np.ascontiguousarray(b.T)
+      e = np.asarray(leaf["e"]).reshape(-1)
+      kept = np.asarray(keep[module + ".lora_E"], bool) if keep and module + ".lora_E" in keep else slice(None)
+      tensors[base + ".lora_A"] = np.ascontiguousarray(a.T[kept])
+      tensors[base + ".lora_E"] = np.ascontiguousarray(e[kept].reshape(-1, 1))
+      tensors[base + ".lora_B"] = np.ascontiguousarray(b.T[:, kept])
     else:
       tensors[base + ".lora_A.weight"] = np.ascontiguousarray(a.T)
       tensors[base + ".lora_B.weight"] = np.ascontiguousarray(b.T)
@@ -443,13 +1039,16 @@ def save_peft_adapter(folder: str | os.PathLike, phi: PyTree, config: Optional[d
     raise ValueError("save_peft_adapter: phi holds no adapter leaf ({'a', 'b'} dicts)")
   if config is None:
     if adalora:
-      raise ValueError("save_peft_adapter: pass the AdaLoRA config dict (init_r, target_r, ...)")
+      raise ValueError("save_peft_adapter: pass reparam= (or the AdaLoRA config dict) for an AdaLoRA phi")
     ranks = {int(np.shape(l["a"])[-1]) for _, l in _adapter_items(phi)}
     if rank is None:
       if len(ranks) != 1:
-        raise ValueError(f"phi has several ranks {sorted(ranks)}; pass rank= and a config with rank_pattern")
+        raise ValueError(f"phi has several ranks {sorted(ranks)}; pass reparam= (its config has them)")
       rank = ranks.pop()
-    alpha = rank if alpha is None else alpha
+    if alpha is None:
+      raise ValueError("save_peft_adapter: pass reparam= (the reparam phi was trained with) so the export "
+                       "reads its settings, or alpha= explicitly: without it the folder would claim "
+                       f"lora_alpha = r = {rank}, and peft would scale the update by 1")
     extra = {}
     if experts:
       extra["target_parameters"] = [p for p in _EXPERT_PARAMS if p in rank_pattern]
@@ -461,20 +1060,196 @@ def save_peft_adapter(folder: str | os.PathLike, phi: PyTree, config: Optional[d
     # names such as "dense" would also adapt modules phi does not touch
     config = lora_config(rank, alpha, modules, use_rslora=use_rslora,
                          use_dora=dora, base_model_name_or_path=base_model_name_or_path, **extra)
-  parent = os.path.dirname(folder)
-  os.makedirs(parent, exist_ok=True)
-  if os.path.exists(folder) and not overwrite:
-    raise FileExistsError(f"{folder} exists; pass overwrite=True to replace it")
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.tmp_", dir=parent)
-  try:
-    save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
-    with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
-      json.dump(config, f, indent=2, sort_keys=True)
-      f.write("\n")
-    st.replace_folder(tmp, folder)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+  return tensors, config
+
+
+def _from_plan(plan: _Plan, path_to_module, base_model_name_or_path, rewritten_base, theta0,
+               initial_phi, base, extra_files) -> tuple[dict, dict]:
+  """Tensors and ``adapter_config.json`` of a reparam's config."""
+  first = plan.configs[0]
+  name, phi = plan.name, plan.phi
+  init = getattr(first, "init", None)
+  rewrites = name == "loftq" or init in ("pissa", "olora")
+  common = {"task_type": None, "base_model_name_or_path": base_model_name_or_path, "revision": None,
+            "inference_mode": True, "modules_to_save": None, "layers_to_transform": None,
+            "layers_pattern": None}
+  if rewrites and rewritten_base == "convert":
+    if name == "loftq":
+      raise NotImplementedError(
+          "save_peft_adapter: a LoftQ adapter cannot be converted to a LoRA of the pretrained base "
+          "(Q(W) - W + s A B is not low-rank); pass rewritten_base='keep' and base=<the quantized base>")
+    phi = _converted(plan, phi, theta0, initial_phi)
+  if name in ("lora", "dora", "loftq", "batched_lora"):
+    converted = rewrites and rewritten_base == "convert"
+    tensors, _ = _lora_tensors(phi, {}, None, None, False, path_to_module, None)
+    items = _adapter_items(phi)
+    module_of = {p: path_to_module(p) for p, l in items if np.ndim(l["a"]) == 2}
+    r, a, rp, ap = _patterns(plan, module_of, _mirror_items(phi))
+    rslora = bool(getattr(first, "rslora", False))
+    if converted:
+      r, a = 2 * r, a * (2 ** 0.5 if rslora else 2)
+      rp = {k: 2 * v for k, v in rp.items()}
+      ap = {k: v * (2 ** 0.5 if rslora else 2) for k, v in ap.items()}
+    extra = {}
+    if name == "batched_lora":
+      return _lora_tensors(phi, None, r, a, rslora, path_to_module, base_model_name_or_path)
+    if rewrites and rewritten_base == "keep" and init in ("pissa", "olora"):
+      extra["init_lora_weights"] = init
+    config = lora_config(r, a, list(module_of.values()), use_rslora=rslora, use_dora=name == "dora",
+                         lora_dropout=float(getattr(first, "dropout", 0.0)),
+                         base_model_name_or_path=base_model_name_or_path, rank_pattern=rp, alpha_pattern=ap,
+                         **extra)
+  elif name == "adalora":
+    # masked triplets (e_i = 0) are pruned as peft saves them, listed by rank_pattern
+    keep = {path_to_module(p) + ".lora_E": [bool(v) for v in np.asarray(l["e"]).reshape(-1) != 0]
+            for p, l in _adapter_items(phi)}
+    keep = keep if not all(all(k) for k in keep.values()) else None
+    tensors, _ = _lora_tensors(phi, {"peft_type": "ADALORA", "rank_pattern": keep}, None, None, False,
+                               path_to_module, None)
+    modules = [path_to_module(p) for p, _ in _adapter_items(phi)]
+    config = {**common, "peft_type": "ADALORA", "r": 8, "init_r": first.init_r,
+              "target_r": first.init_r, "lora_alpha": first.alpha, "lora_dropout": float(first.dropout),
+              "target_modules": sorted(set(modules)), "bias": "none", "fan_in_fan_out": False,
+              "init_lora_weights": True, "rank_pattern": keep, "alpha_pattern": {}, "use_rslora": False,
+              "use_dora": False, "lora_bias": False, "tinit": 0, "tfinal": 0, "deltaT": 1, "beta1": 0.85,
+              "beta2": 0.85, "orth_reg_weight": 0.5, "total_step": 1}
+  else:
+    tensors, config = _other_tensors(plan, phi, path_to_module, common, theta0)
+  if plan.trained:
+    _trained_tensors(plan, phi, tensors, config, path_to_module)
+  if rewritten_base == "keep" and base is not None and rewrites:
+    extra_files["rewritten_base.safetensors"] = {
+        _torch_name(p, path_to_module): np.ascontiguousarray(np.asarray(lazy.materialize(w)).T)
+        for p, w in tree_lib.flatten_with_paths(base)
+        if p in {q for q, _ in _adapter_items(phi)}}
+  elif rewrites and rewritten_base == "keep" and name == "loftq":
+    raise ValueError("save_peft_adapter: a LoftQ adapter kept as trained needs base= (the quantized base "
+                     "it was trained against), written beside it as rewritten_base.safetensors")
+  return tensors, config
+
+
+def _mirror_items(phi: PyTree) -> list[tuple[str, Any]]:
+  leaves, _ = jax.tree_util.tree_flatten_with_path(phi, is_leaf=lambda x: x is None or _is_adapter_leaf(x)
+                                                   or (isinstance(x, dict) and _looks_like_leaf(x)))
+  return [(tree_lib.path_str(p), x) for p, x in leaves]
+
+
+def _looks_like_leaf(x: dict) -> bool:
+  """A method's parameters at one leaf: a non-empty dict of arrays."""
+  return bool(x) and all(hasattr(v, "shape") for v in x.values())
+
+
+def _converted(plan: _Plan, phi: PyTree, theta0: PyTree, initial_phi: PyTree) -> PyTree:
+  """``[A | A0] [B; -B0]`` per leaf (see :func:`save_peft_adapter`)."""
+  if initial_phi is None:
+    if theta0 is None:
+      raise ValueError(
+          f"save_peft_adapter: this adapter was initialised with init={plan.configs[0].init!r}, which "
+          f"rewrote the base; writing it relative to the pretrained base (rewritten_base='convert', "
+          f"peft's path_initial_model_for_weight_conversion) needs its initial A0 B0: pass theta0= (the "
+          f"pretrained base; A0 B0 are re-derived) or initial_phi=; or rewritten_base='keep'")
+    parts = []
+    for c in plan.configs:
+      r = registry.build_from(c)
+      parts.append(lj_initialize(r, jax.random.key(0), theta0)[1])
+    if len(parts) == 1:
+      initial_phi = parts[0]
+    else:
+      initial_phi = jax.tree_util.tree_map(lambda *xs: next((x for x in xs if x is not None), None), *parts,
+                                           is_leaf=lambda x: x is None or _is_adapter_leaf(x))
+
+  def one(p, p0):
+    if p is None:
+      return None
+    if p0 is None:
+      raise ValueError("save_peft_adapter: initial_phi has no factors at a leaf phi adapts")
+    return {"a": jnp.concatenate([p["a"], jnp.asarray(p0["a"], p["a"].dtype)], axis=-1),
+            "b": jnp.concatenate([p["b"], -jnp.asarray(p0["b"], p["b"].dtype)], axis=-2)}
+  return jax.tree_util.tree_map(one, phi, initial_phi, is_leaf=lambda x: x is None or _is_adapter_leaf(x))
+
+
+def _other_tensors(plan: _Plan, phi, path_to_module, common, theta0) -> tuple[dict, dict]:
+  """LoKr, LoHa, VeRA and IA3: each of our parameters is peft's ``<prefix><name>`` transposed."""
+  name, first = plan.name, plan.configs[0]
+  tensors: dict[str, np.ndarray] = {}
+  modules, ff = [], []
+  items = [(p, l) for p, l in _mirror_items(phi) if l is not None]
+  prefix = {"lokr": "lokr_", "loha": "hada_", "vera": "vera_", "ia3": "ia3_l"}[name]
+  for path, leaf in items:
+    module = path_to_module(path)
+    modules.append(module)
+    for k, v in leaf.items():
+      v = np.asarray(v)
+      if name == "ia3":
+        tensors[PREFIX + module + ".ia3_l"] = np.ascontiguousarray(v.reshape(1, -1) if k == "l_in" else v.reshape(-1, 1))
+        if k == "l_in":
+          ff.append(module)
+      else:
+        tensors[PREFIX + module + "." + prefix + k] = np.ascontiguousarray(v.T)
+  if not items:
+    raise ValueError(f"save_peft_adapter: phi holds no {name} parameters")
+  targets = sorted(set(modules))
+  if name in ("lokr", "loha"):
+    module_of = {p: path_to_module(p) for p, _ in items}
+    r, a, rp, ap = _patterns(plan, module_of, _mirror_items(phi))
+    config = {**common, "peft_type": name.upper(), "r": r, "alpha": a, "rank_dropout": 0.0,
+              "module_dropout": 0.0, "init_weights": True, "use_effective_conv2d": False,
+              "target_modules": targets, "rank_pattern": rp, "alpha_pattern": ap, "exclude_modules": None}
+    if name == "lokr":
+      config.update(decompose_both=bool(first.decompose_both), decompose_factor=int(first.decompose_factor),
+                    rank_dropout_scale=False)
+  elif name == "vera":
+    if first.projections is not None:
+      a, b = first.projections
+    elif theta0 is not None:
+      a, b = vera_lib.shared_projections(first.key if first.key is not None else jax.random.key(0), theta0,
+                                         first.where, first.rank, first.dtype)
+    else:
+      raise ValueError("save_peft_adapter: VeRA's frozen projections are drawn from its key for the selected "
+                       "shapes; pass theta0= so they can be written (peft loads them with save_projection=True)")
+    tensors["base_model.vera_A"] = np.ascontiguousarray(np.asarray(a).T)
+    tensors["base_model.vera_B"] = np.ascontiguousarray(np.asarray(b).T)
+    config = {**common, "peft_type": "VERA", "r": first.rank, "target_modules": targets,
+              "projection_prng_key": 0, "save_projection": True, "vera_dropout": float(first.dropout),
+              "d_initial": float(first.d_initial), "bias": "none", "fan_in_fan_out": False}
+  else:
+    config = {**common, "peft_type": "IA3", "target_modules": targets, "feedforward_modules": sorted(set(ff)),
+              "fan_in_fan_out": False, "init_ia3_weights": True, "exclude_modules": None}
+  return tensors, config
+
+
+def _trained_tensors(plan: _Plan, phi, tensors, config, path_to_module) -> None:
+  """Chained ``full`` entries: biases as peft's trained biases (``bias="all"`` when any is not
+  beside an adapted kernel, else ``"lora_only"``), other leaves as ``modules_to_save``."""
+  adapted = {p.rpartition("/")[0] for p, l in _mirror_items(phi) if l is not None}
+  leaves = [(path, leaf) for trained in plan.trained for path, leaf in _mirror_items(trained) if leaf is not None]
+  whole = {p.rpartition("/")[0] for p, _ in leaves if p.rpartition("/")[2] != "bias"}  # modules_to_save
+  biases, saved = [], []
+  for path, leaf in leaves:
+    if set(leaf) != {"w"}:
+      raise ValueError(f"save_peft_adapter: the full entry's phi at '{path}' is not {{'w': array}}")
+    w = np.asarray(leaf["w"])
+    torch_name = _torch_name(path, path_to_module)
+    if path.endswith("/kernel"):
+      w = w.T
+    parent = path.rpartition("/")[0]
+    if path.rpartition("/")[2] == "bias" and parent not in whole:
+      lora_layer = parent in adapted and config["peft_type"] in ("LORA", "ADALORA")
+      name = (PREFIX + torch_name[: -len(".bias")] + ".base_layer.bias") if lora_layer else PREFIX + torch_name
+      biases.append(parent in adapted)
+    else:
+      if parent in adapted:
+        raise NotImplementedError(f"save_peft_adapter: '{path}' is both adapted and fully trained; peft "
+                                  f"cannot save a module both ways")
+      saved.append(torch_name.rpartition(".")[0])
+      name = PREFIX + torch_name
+    tensors[name] = np.ascontiguousarray(w)
+  if biases:
+    if "bias" not in config:
+      raise NotImplementedError(f"save_peft_adapter: {config['peft_type']} adapters have no trained biases in peft")
+    config["bias"] = "lora_only" if all(biases) else "all"
+  if saved:
+    config["modules_to_save"] = sorted(set(saved))
 
 
 def _expert_tensors(module: str, stack: dict[str, dict], tensors: dict) -> dict[str, int]:

@@ -152,7 +152,10 @@ def test_generated_config_and_errors(shapes, tmp_path):
   bad.mkdir()
   (bad / lpeft.CONFIG_NAME).write_text(json.dumps({"peft_type": "IA3", "target_modules": ["x"]}))
   (bad / lpeft.WEIGHTS_NAME).write_bytes((LORA_DIR / lpeft.WEIGHTS_NAME).read_bytes())
-  with pytest.raises(NotImplementedError, match="IA3"):
+  with pytest.raises(ValueError, match=r"tensors \['lora_A', 'lora_B'\], which do not belong to a IA3 adapter"):
+    lpeft.load_peft_adapter(bad, shapes)
+  (bad / lpeft.CONFIG_NAME).write_text(json.dumps({"peft_type": "PROMPT_TUNING"}))
+  with pytest.raises(NotImplementedError, match="peft_type 'PROMPT_TUNING' cannot be imported"):
     lpeft.load_peft_adapter(bad, shapes)
   with pytest.raises(FileNotFoundError):
     lpeft.load_peft_adapter(tmp_path / "nothing", shapes)
