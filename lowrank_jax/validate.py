@@ -100,11 +100,10 @@ def check_token_ids(ids, vocab_size: int, *, what: str = "input_ids") -> None:
 
 def _nonfinite_counts(x) -> Optional[tuple[int, int]]:
   """``(NaN count, infinity count)`` of a floating array, ``None`` when all finite."""
-  if isinstance(x, np.ndarray):
-    a = x.astype(np.float32) if x.dtype.itemsize < 4 else x
-    if np.isfinite(a).all():
+  if isinstance(x, np.ndarray):  # (numpy's ufuncs cover ml_dtypes' bfloat16 and float8 too)
+    if np.isfinite(x).all():
       return None
-    return int(np.isnan(a).sum()), int(np.isinf(a).sum())
+    return int(np.isnan(x).sum()), int(np.isinf(x).sum())
   if isinstance(x, jax.Array) and not x.is_fully_addressable:  # many processes: the local shards
     parts = [_nonfinite_counts(s.data) for s in x.addressable_shards]
     parts = [c for c in parts if c is not None]

@@ -6,9 +6,11 @@ Sections: phi checked against the method in ``apply``; reparams carry their conf
 non-finite and corrupt files; PEFT export from the reparam's own config.
 """
 
+import functools
 import json
 import pathlib
 import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -16,11 +18,13 @@ import ml_dtypes
 import numpy as np
 import optax
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings, strategies as st_
 from jax.experimental import checkify
 
 import lowrank_jax as lj
 from lowrank_jax import checkpoint, reparam as rp, validate
+from lowrank_jax.interop import peft as lpeft
+from lowrank_jax.io import safetensors as st
 from lowrank_jax.models import bert, decoder
 from lowrank_jax.methods import registry
 
@@ -127,7 +131,7 @@ def test_check_once_per_structure_and_not_in_the_compiled_step():
 
 
 @settings(max_examples=12, deadline=None)
-@given(r_init=st.integers(1, 4), r_apply=st.integers(1, 4), alpha=st.sampled_from([None, 1.0, 8.0]))
+@given(r_init=st_.integers(1, 4), r_apply=st_.integers(1, 4), alpha=st_.sampled_from([None, 1.0, 8.0]))
 def test_rank_property(r_init, r_apply, alpha):
   """Any rank mismatch raises; equal ranks give W0 + alpha/r A B (closed form)."""
   theta0 = {"w": {"kernel": jnp.asarray(np.random.default_rng(r_init).normal(size=(4, 6)), jnp.float32)}}
@@ -284,3 +288,95 @@ def test_damaged_checkpoint_names_file_and_leaf(tmp_path, damage):
     assert re.search(r"\(leaf 'q/kernel/[ab]'\)", str(info.value))
   if damage == "meta":
     assert "(leaf 'meta')" in str(info.value)
+
+
+def test_safetensors_reads_name_file_and_tensor(tmp_path):
+  """io.safetensors (HF folders, peft folders): overwritten values are reported with the file and
+  the tensor; a truncated or overwritten header names the file (never a raw decoder error)."""
+  path = tmp_path / "m.safetensors"
+  st.save_file({"a": np.ones((2, 3), np.float32), "b": np.arange(4, dtype=np.float32)}, path)
+  good = path.read_bytes()
+  begin, _ = st.tensor_infos(path)["b"].begin, None
+  data = bytearray(good)
+  data[begin + 4: begin + 8] = b"\xff\xff\xff\xff"  # a NaN written over b[1]
+  path.write_bytes(bytes(data))
+  with pytest.raises(validate.NonFiniteError, match=rf"{re.escape(str(path))}: .*'b' \(4,\) float32: 1 NaN"):
+    st.load_file(path)
+  assert np.isnan(st.load_file(path, check_finite=False)["b"][1])  # opt-out reads it as stored
+  for damaged in (good[:20], b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": 1", good[: len(good) - 3]):
+    path.write_bytes(damaged)
+    with pytest.raises(st.SafetensorsError, match=re.escape(str(path))):
+      st.load_file(path)
+
+
+PEFT_FOLDERS = pathlib.Path(__file__).parent / "golden" / "peft_folders"
+
+
+@functools.lru_cache(maxsize=1)
+def _tiny_peft_base():
+  return bert.load_bert(PEFT_FOLDERS / "base_bert")[1]
+
+
+@settings(max_examples=25, deadline=None)
+@given(offset=st_.integers(0, 6000), value=st_.integers(0, 255))
+def test_any_single_byte_damage_to_a_peft_folder_is_named_or_harmless(offset, value, tmp_path_factory):
+  """One byte of adapter_model.safetensors overwritten anywhere: the import either gives the same
+  kind of result (finite values; only that byte's tensor may differ) or raises one of our errors
+  naming the file or the module, never a raw JSON / struct / decoder error."""
+  theta0 = _tiny_peft_base()
+  tmp = tmp_path_factory.mktemp("damage")
+  folder = tmp / "ad"
+  shutil.copytree(PEFT_FOLDERS / "lora_dora", folder)
+  w = folder / lpeft.WEIGHTS_NAME
+  data = bytearray(w.read_bytes())
+  offset %= len(data)
+  data[offset] = value
+  w.write_bytes(bytes(data))
+  try:
+    ad = lpeft.load_peft_adapter(folder, theta0)
+  except (validate.CorruptFileError, validate.NonFiniteError, ValueError, KeyError) as e:
+    msg = str(e)
+    assert str(w) in msg or "module '" in msg or "adapter module" in msg, msg
+    assert type(e).__module__.startswith(("lowrank_jax", "builtins")), type(e)
+    return
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(ad.phi))
+
+
+@settings(max_examples=30, deadline=None)
+@given(shape=st_.tuples(st_.integers(1, 3), st_.integers(1, 6)), vocab=st_.integers(1, 50),
+       seed=st_.integers(0, 2 ** 31 - 1))
+def test_token_id_property(shape, vocab, seed):
+  """An error exactly when some id is outside [0, V); it names the first such id (row-major) and
+  its position, and the count of bad ids."""
+  ids = np.random.default_rng(seed).integers(-3, vocab + 3, size=shape)
+  bad = (ids < 0) | (ids >= vocab)
+  if not bad.any():
+    validate.check_token_ids(ids, vocab)
+    return
+  pos = tuple(int(i) for i in np.argwhere(bad)[0])
+  with pytest.raises(validate.TokenIdError, match=rf"token id {ids[pos]} at position \({pos[0]}, {pos[1]}\) "
+                                                  rf".*\[0, {vocab}\).*; {int(bad.sum())} of {ids.size} ids"):
+    validate.check_token_ids(ids, vocab)
+
+
+@settings(max_examples=20, deadline=None)
+@given(n_leaves=st_.integers(1, 4), seed=st_.integers(0, 2 ** 31 - 1))
+def test_check_finite_property(n_leaves, seed):
+  """check_finite raises exactly when some leaf holds NaN/inf, listing exactly those leaves
+  with their counts."""
+  rng = np.random.default_rng(seed)
+  tree, expected = {}, []
+  for i in range(n_leaves):
+    x = rng.normal(size=(3, 2)).astype(np.float32)
+    n_nan, n_inf = int(rng.integers(0, 2)), int(rng.integers(0, 2))
+    x.reshape(-1)[:n_nan] = np.nan
+    x.reshape(-1)[n_nan: n_nan + n_inf] = np.inf
+    tree[f"l{i}"] = x
+    if n_nan or n_inf:
+      expected.append(f"'l{i}' (3, 2) float32: {n_nan} NaN, {n_inf} inf")
+  if not expected:
+    assert validate.check_finite(tree, what="t") is tree
+    return
+  with pytest.raises(validate.NonFiniteError) as info:
+    validate.check_finite(tree, what="t")
+  assert str(info.value).endswith("; ".join(expected))

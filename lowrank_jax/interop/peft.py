@@ -2,17 +2,25 @@
 
 A PEFT adapter folder (``save_pretrained``) holds
 
-* ``adapter_config.json``: the ``LoraConfig`` (``peft_type``, ``r``, ``lora_alpha``,
-  ``use_rslora``, ``use_dora``, ``target_modules``, ... and any number of other keys,
-  which a loader must tolerate);
+* ``adapter_config.json``: the tuner's config (``peft_type``, ``r``, ``lora_alpha``,
+  ``use_rslora``, ``use_dora``, ``target_modules``, ``rank_pattern``, ... and any number of
+  other keys, which a loader must tolerate);
 * ``adapter_model.safetensors`` (metadata ``{"format": "pt"}``), with tensors named
   ``base_model.model.<module path>.<param>``: ``lora_A.weight`` ``[r, in]``,
   ``lora_B.weight`` ``[out, r]``, for DoRA ``lora_magnitude_vector`` ``[out]`` (no
-  ``.weight``), for AdaLoRA ``lora_A`` / ``lora_E`` / ``lora_B`` (no ``.weight``).
+  ``.weight``), for AdaLoRA ``lora_A`` / ``lora_E`` / ``lora_B`` (no ``.weight``; after rank
+  allocation only the kept triplets, listed by ``rank_pattern``), LoKr ``lokr_w1[_a|_b]`` /
+  ``lokr_w2[_a|_b]``, LoHa ``hada_w{1,2}_{a,b}``, VeRA ``vera_lambda_b`` / ``vera_lambda_d``
+  (+ ``base_model.vera_A`` / ``vera_B``), IA3 ``ia3_l``; trained biases as
+  ``<module>[.base_layer].bias`` and ``modules_to_save`` as ``<module>.weight`` / ``.bias``.
 
-Our LoRA ``phi`` leaf is ``{"a": lora_A.T [in, r], "b": lora_B.T [r, out]}`` (+ ``"m"``
-for DoRA, the magnitude vector as is; ``{"a", "e", "b"}`` for AdaLoRA), at the tree
-path of the adapted kernel. Module names map to tree paths by a user-supplied
+Our ``phi`` leaf holds peft's tensors transposed under the same letters, at the tree path of
+the adapted kernel: LoRA ``{"a": lora_A.T [in, r], "b": lora_B.T [r, out]}`` (+ ``"m"`` for
+DoRA, the magnitude vector as is; ``{"a", "e", "b"}`` for AdaLoRA), LoKr ``{"w1": lokr_w1.T,
+...}``, LoHa ``{"w1_a": hada_w1_a.T, ...}``, VeRA ``{"lambda_b", "lambda_d"}``, IA3
+``{"l_out"}`` or ``{"l_in"}``; trained biases and ``modules_to_save`` are a chained
+``full`` entry. Import records the registry config on the reparam (``Reparam.config``);
+export reads it back, so no setting has to be repeated (and none can be forgotten). Module names map to tree paths by a user-supplied
 function; the default, :func:`bert_module_to_path`, is the Hugging Face BERT layout
 of :mod:`lowrank_jax.models.bert` (``encoder.layer.0.attention.self.query`` ->
 ``encoder/layer_0/attention/query/kernel``). GPT-2 style ``fan_in_fan_out`` adapters
@@ -70,6 +78,9 @@ __all__ = [
   "load_peft_adapter",
   "save_peft_adapter",
   "lora_config",
+  "per_module",
+  "PerModule",
+  "SUPPORTED",
 ]
 
 PyTree = Any

@@ -32,6 +32,8 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 import ml_dtypes
 import numpy as np
 
+from lowrank_jax import validate
+
 __all__ = [
   "DTYPES",
   "TensorInfo",
@@ -152,7 +154,7 @@ def normalize_index(index, shape: tuple[int, ...], where: str) -> tuple[slice, .
 
 
 def read_tensor(path: str | os.PathLike, name: str, dtype=None,
-                index: Optional[Sequence[slice]] = None) -> np.ndarray:
+                index: Optional[Sequence[slice]] = None, *, check_finite: bool = True) -> np.ndarray:
   """One tensor (or a slice of it) read from ``path`` and converted to ``dtype``.
 
   This is the single function every tensor read of a checkpoint goes through.
@@ -164,6 +166,8 @@ def read_tensor(path: str | os.PathLike, name: str, dtype=None,
       the stored one. Converting between float dtypes rounds to nearest.
     index: optional tuple of contiguous slices, one per leading axis; only the rows
       the first axis selects are read from disk.
+    check_finite: raise :class:`lowrank_jax.validate.NonFiniteError` (naming the file and
+      the tensor) when a floating tensor holds NaN or infinity, e.g. overwritten bytes.
 
   Returns:
     A numpy array of ``dtype`` (never a view of a shared buffer).
@@ -188,6 +192,8 @@ def read_tensor(path: str | os.PathLike, name: str, dtype=None,
     raise SafetensorsError(f"{path}: tensor {name!r} is truncated (read {got} of {n_rows * row_bytes} bytes)")
   if info.dtype.byteorder == ">" or (info.dtype.byteorder == "=" and not np.little_endian):
     buf = buf.byteswap()
+  if check_finite:
+    validate.check_finite({name: buf}, what=path)
   if info.shape and len(idx) > 1:
     buf = buf[(slice(None),) + idx[1:]]
   target = info.dtype if dtype is None else _np_dtype(dtype)
@@ -195,10 +201,10 @@ def read_tensor(path: str | os.PathLike, name: str, dtype=None,
   return out if out.flags.c_contiguous else out.copy()  # (ascontiguousarray makes 0-d arrays 1-d)
 
 
-def load_file(path: str | os.PathLike, dtype=None) -> dict[str, np.ndarray]:
+def load_file(path: str | os.PathLike, dtype=None, *, check_finite: bool = True) -> dict[str, np.ndarray]:
   """Every tensor of a file, ``{name: array}`` (for small files; models use :func:`read_tensor`)."""
   path = os.fspath(path)
-  return {name: read_tensor(path, name, dtype) for name in tensor_infos(path)}
+  return {name: read_tensor(path, name, dtype, check_finite=check_finite) for name in tensor_infos(path)}
 
 
 # --------------------------------------------------------------------------- writing
