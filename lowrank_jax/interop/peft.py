@@ -222,10 +222,11 @@ def _read_tensors(folder: str) -> tuple[str, dict[str, np.ndarray]]:
                        f"adapters can be read without torch")
     raise FileNotFoundError(f"no {WEIGHTS_NAME} in {folder}")
   try:
-    tensors = st.load_file(w_path)
+    tensors = st.load_file(w_path)  # also checks every floating tensor finite (NonFiniteError)
+  except validate.NonFiniteError:
+    raise
   except (OSError, ValueError, KeyError) as e:
     raise validate.corrupt_file(w_path, e, what="adapter weights") from e
-  validate.check_finite(tensors, what=f"adapter tensors in {w_path}")
   return w_path, tensors
 
 
@@ -1029,6 +1030,8 @@ def _lora_tensors(phi, config, rank, alpha, use_rslora, path_to_module, base_mod
     modules.append(module)
     base = PREFIX + module
     a, b = np.asarray(leaf["a"]), np.asarray(leaf["b"])
+    if config:
+      _check_against_config(config, module, path, leaf)
     if "e" in leaf:
       adalora = True
       e = np.asarray(leaf["e"]).reshape(-1)
@@ -1074,6 +1077,30 @@ def _lora_tensors(phi, config, rank, alpha, use_rslora, path_to_module, base_mod
   return tensors, config
 
 
+def _check_against_config(config: dict, module: str, path: str, leaf: dict) -> None:
+  """A given ``adapter_config.json`` must describe ``phi``: the tuner, the rank of every module
+  (``r`` or its ``rank_pattern`` entry), DoRA's magnitude."""
+  kind = config.get("peft_type")
+  if kind not in ("LORA", "ADALORA"):
+    raise ValueError(f"save_peft_adapter: config says peft_type={kind!r}, phi at '{path}' holds LoRA factors")
+  if ("e" in leaf) != (kind == "ADALORA"):
+    raise ValueError(f"save_peft_adapter: config says peft_type={kind!r}, phi at '{path}' holds "
+                     f"{sorted(leaf)}")
+  if kind == "ADALORA":
+    want = int(config.get("init_r", 12))
+    if np.shape(leaf["e"])[-1] != want:
+      raise ValueError(f"save_peft_adapter: phi at '{path}' has {np.shape(leaf['e'])[-1]} AdaLoRA triplets, "
+                       f"the config's init_r is {want}")
+    return
+  r, _ = _hparams(config, kind, module)
+  if np.shape(leaf["a"])[-1] != r:
+    raise ValueError(f"save_peft_adapter: phi at '{path}' (module {module!r}) has rank {np.shape(leaf['a'])[-1]}, "
+                     f"the config says r={r}{' (rank_pattern)' if r != int(config.get('r', 8)) else ''}")
+  if ("m" in leaf) != bool(config.get("use_dora")):
+    raise ValueError(f"save_peft_adapter: the config says use_dora={bool(config.get('use_dora'))}, phi at "
+                     f"'{path}' {'has' if 'm' in leaf else 'has no'} DoRA magnitude 'm'")
+
+
 def _from_plan(plan: _Plan, path_to_module, base_model_name_or_path, rewritten_base, theta0,
                initial_phi, base, extra_files) -> tuple[dict, dict]:
   """Tensors and ``adapter_config.json`` of a reparam's config."""
@@ -1115,8 +1142,8 @@ def _from_plan(plan: _Plan, path_to_module, base_model_name_or_path, rewritten_b
     keep = {path_to_module(p) + ".lora_E": [bool(v) for v in np.asarray(l["e"]).reshape(-1) != 0]
             for p, l in _adapter_items(phi)}
     keep = keep if not all(all(k) for k in keep.values()) else None
-    tensors, _ = _lora_tensors(phi, {"peft_type": "ADALORA", "rank_pattern": keep}, None, None, False,
-                               path_to_module, None)
+    tensors, _ = _lora_tensors(phi, {"peft_type": "ADALORA", "init_r": first.init_r, "rank_pattern": keep},
+                               None, None, False, path_to_module, None)
     modules = [path_to_module(p) for p, _ in _adapter_items(phi)]
     config = {**common, "peft_type": "ADALORA", "r": 8, "init_r": first.init_r,
               "target_r": first.init_r, "lora_alpha": first.alpha, "lora_dropout": float(first.dropout),

@@ -120,6 +120,19 @@ def test_export_from_the_reparams_config_equals_peft(bases, case, tmp_path):
   np.testing.assert_allclose(_output(back.reparam.apply(theta0, back.phi), cfg, case, g), ref_out, atol=2e-6)
 
 
+def test_export_with_a_config_dict_checks_phi_against_it(bases, tmp_path):
+  """The old path (a config dict written as is) refuses a phi the config does not describe."""
+  _, theta0 = bases["bert"]
+  ad = lpeft.load_peft_adapter(FOLDERS / "lora_patterns", theta0)
+  lpeft.save_peft_adapter(tmp_path / "same", ad.phi, ad.config)  # peft's own config: fine
+  wrong = dict(ad.config, rank_pattern={"layer.1.intermediate.dense": 3})  # value is rank 2
+  with pytest.raises(ValueError, match=r"phi at 'encoder/layer_0/attention/value/kernel' \(module "
+                                       r"'encoder.layer.0.attention.self.value'\) has rank 2, the config says r=4"):
+    lpeft.save_peft_adapter(tmp_path / "x", ad.phi, wrong)
+  with pytest.raises(ValueError, match="use_dora=True, phi at .* has no DoRA magnitude"):
+    lpeft.save_peft_adapter(tmp_path / "x", ad.phi, dict(ad.config, use_dora=True))
+
+
 def _copy(case, tmp_path, **changes) -> pathlib.Path:
   folder = tmp_path / case
   shutil.copytree(FOLDERS / case, folder)
