@@ -21,7 +21,9 @@ Nothing in the project downloads weights, so this experiment makes its own::
 3. **Fine-tuning** through the same command on the held-out package's training modules
    (``configs/code_lm/{lora,dora,qlora,full}.json``: LoRA and DoRA r=8 alpha=16 on every
    linear layer, QLoRA = the same LoRA over an NF4 base with double quantization and
-   bfloat16 compute, full fine-tuning of every parameter), one child process per config.
+   bfloat16 compute, full fine-tuning of every parameter; and a diagnostic row,
+   ``full_blocks``: full fine-tuning of the transformer blocks only, embeddings and LM head
+   frozen), one child process per config.
    "Before" is each method's model at initialisation (the quantized base for QLoRA)
    evaluated on the package's validation modules; "after" is the trainer's final eval.
 4. **Report**: ``RESULTS/results.md`` (tables), ``results.json``, ``code_lm.png``
@@ -69,7 +71,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "code_lm"
 PRETRAIN = "pretrain"
 METHODS = ("lora", "dora", "qlora", "full")
-LABELS = {"lora": "LoRA r8", "dora": "DoRA r8", "qlora": "QLoRA r8 (NF4+DQ, bf16)", "full": "full fine-tune"}
+# a diagnostic row: full fine-tuning of the transformer blocks only (embeddings and LM head frozen)
+EXTRA = ("full_blocks",)
+LABELS = {"lora": "LoRA r8", "dora": "DoRA r8", "qlora": "QLoRA r8 (NF4+DQ, bf16)", "full": "full fine-tune",
+          "full_blocks": "full fine-tune, blocks only"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +84,7 @@ class Settings:
   Attributes:
     out: working folder (data, tokenizer, trainer runs, the base model folder).
     results: where the dated report goes (``None``: ``OUT/report``).
+    methods: the fine-tune configs (``configs/code_lm/NAME.json``).
     vocab_size, seq_len: tokenizer size and the trainer's row length (chunks hold
       ``seq_len - 2`` tokens).
     held_out, finetune, packages, pretrain_fractions, salt:
@@ -94,6 +100,7 @@ class Settings:
   results: Optional[str] = None
   vocab_size: int = 8192
   seq_len: int = 256
+  methods: tuple[str, ...] = METHODS + EXTRA
   held_out: tuple[str, ...] = stdlib_code.DEFAULT_HELD_OUT
   finetune: str = stdlib_code.DEFAULT_FINETUNE
   packages: Optional[tuple[str, ...]] = None
@@ -119,7 +126,7 @@ class Settings:
 
 # The pipeline in seconds: a few modules, a tiny decoder, a few steps (tests/test_code_lm.py).
 TINY = dict(
-  vocab_size=320, seq_len=64, held_out=("json",), finetune="json",
+  methods=METHODS, vocab_size=320, seq_len=64, held_out=("json",), finetune="json",
   packages=("bisect", "colorsys", "fnmatch", "shlex", "textwrap", "json"), pretrain_fractions=(0.75, 0.25),
   pretrain_set=("model.random.vocab_size=320", "model.random.hidden_size=64",
                 "model.random.intermediate_size=128", "model.random.num_layers=1",
@@ -204,16 +211,25 @@ def _self_cpu_s() -> float:
   return r.ru_utime + r.ru_stime
 
 
+def _pretrain_overrides(s: Settings) -> list[str]:
+  p = _paths(pathlib.Path(s.out))
+  return [f"model.tokenizer={p['tokenizer']}", f"data.train={p['data'] / 'pretrain_train.jsonl'}",
+          f"data.eval={p['data'] / 'pretrain_validation.jsonl'}", f"data.seq_len={s.seq_len}", *s.pretrain_set]
+
+
+def _finetune_overrides(s: Settings) -> list[str]:
+  p = _paths(pathlib.Path(s.out))
+  return [f"model.path={p['base']}", f"data.train={p['data'] / 'finetune_train.jsonl'}",
+          f"data.eval={p['data'] / 'finetune_validation.jsonl'}", f"data.seq_len={s.seq_len}", *s.finetune_set]
+
+
 def pretrain(s: Settings) -> dict:
   """Pre-trains through the trainer's command and assembles ``OUT/base`` (the merged model
-  + the tokenizer files); returns the trainer's row, the random model's eval, the wall and
-  CPU seconds."""
+  + the tokenizer files); returns the trainer's row, the wall and CPU seconds and the loss
+  curve."""
   p = _paths(pathlib.Path(s.out))
-  overrides = [f"model.tokenizer={p['tokenizer']}", f"data.train={p['data'] / 'pretrain_train.jsonl'}",
-               f"data.eval={p['data'] / 'pretrain_validation.jsonl'}", f"data.seq_len={s.seq_len}",
-               *s.pretrain_set]
+  overrides = _pretrain_overrides(s)
   config = CONFIGS / f"{PRETRAIN}.json"
-  before = _initial_eval([config], overrides)[PRETRAIN]
   cpu0, t0 = _children_cpu_s() + _self_cpu_s(), time.perf_counter()
   (row,) = _train([config], overrides, p["pretrain"], s)
   timing = {"wall_s": time.perf_counter() - t0, "cpu_s": _children_cpu_s() + _self_cpu_s() - cpu0,
@@ -233,7 +249,7 @@ def pretrain(s: Settings) -> dict:
   shutil.rmtree(p["base"], ignore_errors=True)
   os.replace(tmp, p["base"])
   curve = _train_lines(p["pretrain"] / PRETRAIN / "metrics.jsonl")
-  return {"row": row, "before": before, "wall_s": timing["wall_s"], "cpu_s": timing["cpu_s"], "curve": curve,
+  return {"row": row, "wall_s": timing["wall_s"], "cpu_s": timing["cpu_s"], "curve": curve,
           "folder": str(p["base"])}
 
 
@@ -300,19 +316,19 @@ def check_transformers(folder: str | os.PathLike, ids: np.ndarray, texts: Sequen
 # ----------------------------------------------------------------------------- fine-tune
 
 
-def finetune(s: Settings, methods: Sequence[str] = METHODS) -> list[dict]:
-  """The fine-tunes through the trainer's command; each row gets ``before`` (its model at
-  initialisation on the validation modules)."""
-  p = _paths(pathlib.Path(s.out))
-  overrides = [f"model.path={p['base']}", f"data.train={p['data'] / 'finetune_train.jsonl'}",
-               f"data.eval={p['data'] / 'finetune_validation.jsonl'}", f"data.seq_len={s.seq_len}",
-               *s.finetune_set]
-  configs = [CONFIGS / f"{m}.json" for m in methods]
-  before = _initial_eval(configs, overrides)
-  rows = _train(configs, overrides, p["finetune"], s)
-  for r in rows:
-    r["before"] = before[r["name"]]
-  return rows
+def finetune(s: Settings) -> list[dict]:
+  """The fine-tunes of ``s.methods`` through the trainer's command (their result rows)."""
+  configs = [CONFIGS / f"{m}.json" for m in s.methods]
+  return _train(configs, _finetune_overrides(s), _paths(pathlib.Path(s.out))["finetune"], s)
+
+
+def initial_evals(s: Settings) -> dict[str, dict]:
+  """``{config name: eval metrics}`` at initialisation: the random pre-training model on
+  the pre-training validation modules, each fine-tune's starting model on the held-out
+  package's validation modules."""
+  out = _initial_eval([CONFIGS / f"{PRETRAIN}.json"], _pretrain_overrides(s))
+  out.update(_initial_eval([CONFIGS / f"{m}.json" for m in s.methods], _finetune_overrides(s)))
+  return out
 
 
 # -------------------------------------------------------------------------------- report
@@ -370,7 +386,8 @@ def plot(rows: Sequence[dict], curve: Sequence[dict], path: pathlib.Path) -> Non
   report.save_figure(fig, path)
 
 
-def _markdown(s: Settings, data: dict, pre: dict, checks: dict, rows: Sequence[dict], command: str) -> str:
+def _markdown(s: Settings, data: dict, pre: dict, checks: dict, rows: Sequence[dict], command: str,
+              parent_rss: Optional[int]) -> str:
   row = pre["row"]
   cfg = row["config"]["model"]["random"]
   train, val = data["sizes"]["pretrain_train"], data["sizes"]["pretrain_validation"]
@@ -418,13 +435,17 @@ def _markdown(s: Settings, data: dict, pre: dict, checks: dict, rows: Sequence[d
        f"{hf['max_abs_logit_diff']:.2e} (float32), `AutoTokenizer` ids equal to ours: {hf['tokenizer_ids_equal']}."
        if hf else "transformers not checked (not installed or not asked)."),
     "",
-    f"## Fine-tuning on `{data['finetune']}` (through `lowrank-jax-train configs/code_lm/{{{','.join(METHODS)}}}.json`)",
+    f"## Fine-tuning on `{data['finetune']}` (through `lowrank-jax-train configs/code_lm/{{{','.join(s.methods)}}}.json`)",
     "",
     f"Training: {ft_train['modules']} modules ({ft_train['tokens']:,} tokens); held-out perplexity on the other "
     f"{ft_val['modules']} modules ({ft_val['tokens']:,} tokens), never trained on. "
     "\"before\": each method's model at initialisation (QLoRA: the NF4 base). Step time: the trainer's median "
-    "step after warm-up; peak RSS: the config's own child process; the last column from the trainer's memory "
-    "report (frozen weights, trainable weights, gradients, optimizer state).",
+    "step after warm-up (batch 8 x 256). Peak RSS: the config's own process (`ru_maxrss`, which on Linux "
+    "starts from the high-water mark of the process that started it: "
+    + (f"{parent_rss / 2**30:.2f} GiB here, " if parent_rss else "")
+    + "below every row). The last column: the trainer's memory report (frozen weights, trainable weights, "
+    "gradients, optimizer state). \"blocks only\" is a diagnostic: full fine-tuning of the transformer "
+    "blocks with the embeddings and the LM head frozen.",
     "",
     table(rows),
     "",
@@ -432,11 +453,35 @@ def _markdown(s: Settings, data: dict, pre: dict, checks: dict, rows: Sequence[d
   return "\n".join(lines)
 
 
+def _vm_hwm_bytes() -> Optional[int]:
+  """This process's peak resident set (``VmHWM`` of ``/proc/self/status``; ``None`` elsewhere)."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return None
+
+
 def run_all(s: Settings, command: str = "python -m experiments.code_lm") -> dict:
-  """The whole experiment; returns what ``results.json`` holds."""
+  """The whole experiment; returns what ``results.json`` holds.
+
+  All training comes first, so that this process is still small when it starts the
+  trainer's processes: their peak RSS (``ru_maxrss``) starts from the high-water mark of
+  the process that starts them (Linux keeps it across ``exec``). The evaluations at
+  initialisation and the folder checks run afterwards.
+  """
   t0 = time.perf_counter()
   data = prepare_data(s)
+  parent_rss = _vm_hwm_bytes()
   pre = pretrain(s)
+  rows = finetune(s)
+  before = initial_evals(s)
+  pre["before"] = before[PRETRAIN]
+  for r in rows:
+    r["before"] = before[r["name"]]
   base = _paths(pathlib.Path(s.out))["base"]
   ids = _sample_ids(s)
   config, params = hf_decoder.load_pretrained(pre["row"]["exports"]["merged"], dtype=jnp.float32)
@@ -445,14 +490,13 @@ def run_all(s: Settings, command: str = "python -m experiments.code_lm") -> dict
     texts = [json.loads(line)["response"] for line in
              (_paths(pathlib.Path(s.out))["data"] / "finetune_validation.jsonl").read_text().splitlines()[:8]]
     checks["transformers"] = check_transformers(base, ids, texts)
-  rows = finetune(s)
   out = {"date": datetime.date.today().isoformat(), "command": command, "processor": processor(),
-         "settings": dataclasses.asdict(s), "data": data,
+         "settings": dataclasses.asdict(s), "data": data, "parent_peak_rss_bytes_before_training": parent_rss,
          "pretrain": pre, "checks": checks, "finetune": rows,
          "total_wall_s": time.perf_counter() - t0}
   d = s.results_dir
   files.write_json(d / "results.json", out)
-  files.write_text(d / "results.md", _markdown(s, data, pre, checks, rows, command))
+  files.write_text(d / "results.md", _markdown(s, data, pre, checks, rows, command, parent_rss))
   plot(rows, pre["curve"], d / "code_lm.png")
   return out
 
