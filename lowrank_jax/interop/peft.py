@@ -562,11 +562,14 @@ def load_peft_adapter(folder: str | os.PathLike, theta0: PyTree, *,
   Supported: LoRA (rsLoRA, DoRA, ``rank_pattern`` / ``alpha_pattern``,
   ``layers_to_transform``, ``bias="all"`` / ``"lora_only"``, ``modules_to_save``, expert
   stacks of decoder families), AdaLoRA (also after rank allocation), LoKr, LoHa, VeRA
-  (saved projections) and IA3. ``adapter_config.json`` is checked before any tensor is
-  read; what cannot be represented raises ``NotImplementedError`` saying what and why
-  (PiSSA/OLoRA/LoftQ adapters relative to a rewritten base, trained ``lora_B`` biases,
-  trainable tokens, ...). The tensors are read without torch and checked finite; a
-  target that does not fit names the module, our path, the expected and the found shapes.
+  (saved projections) and IA3. PiSSA / OLoRA adapters (``A B`` relative to the residual
+  their initialisation left) are re-derived from ``theta0`` as peft does when it loads
+  them and imported as the LoRA of rank ``2r`` relative to ``theta0`` (peft's conversion).
+  ``adapter_config.json`` is checked before any tensor is read; what cannot be
+  represented raises ``NotImplementedError`` saying what and why (LoftQ or randomized
+  initialisations, trained ``lora_B`` biases, trainable tokens, ...). The tensors are read
+  without torch and checked finite; a target that does not fit names the module, our
+  path, the expected and the found shapes.
 
   Args:
     folder: the adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``).
@@ -600,7 +603,7 @@ def load_peft_adapter(folder: str | os.PathLike, theta0: PyTree, *,
   leaves: list[Optional[dict]] = [None] * len(items)
   groups: list[Optional[tuple]] = [None] * len(items)
   trained: list[Any] = [None] * len(items)
-  ff_paths, ranks, stacked = [], set(), False
+  ff_paths, stacked = [], False
   feedforward = config.get("feedforward_modules") or []
   for module, params in modules.items():
     base_params = {k: v for k, v in params.items() if k in ("weight", "bias")}
@@ -625,7 +628,6 @@ def load_peft_adapter(folder: str | os.PathLike, theta0: PyTree, *,
         if leaves[index[leaf_path]] is not None:
           raise ValueError(f"module {module!r}: '{leaf_path}' is adapted twice")
         leaves[index[leaf_path]] = leaf
-        ranks.add(int(leaf["a"].shape[-1]))
       stacked = True
       continue
     if path not in index:
@@ -642,8 +644,6 @@ def load_peft_adapter(folder: str | os.PathLike, theta0: PyTree, *,
       key = ()
     else:
       leaf, key = _LEAF_READERS[kind](config, kind, module, path, params, shape, dtype)
-      if kind == "LORA":
-        ranks.add(int(leaf["a"].shape[1]))
     leaves[index[path]], groups[index[path]] = leaf, key
   if not any(l is not None for l in leaves):
     raise ValueError(f"{folder} holds no adapter tensors")
@@ -652,7 +652,7 @@ def load_peft_adapter(folder: str | os.PathLike, theta0: PyTree, *,
     r = int(config.get("r", 0))
     leaf_ranks = {path: int(l["a"].shape[-1]) for (path, _), l in zip(items, leaves)
                   if l is not None and int(l["a"].shape[-1]) != r}
-    reparam = _stacked_reparam(config, mask, ranks, leaf_ranks)
+    reparam = _stacked_reparam(config, mask, leaf_ranks)
   else:
     keys = list(dict.fromkeys(g for g in groups if g is not None))
     parts = []
@@ -738,7 +738,7 @@ def _abstract_tree(tree: PyTree) -> PyTree:
   return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
 
 
-def _stacked_reparam(config: dict, mask: PyTree, ranks: set, leaf_ranks: dict[str, int]) -> Reparam:
+def _stacked_reparam(config: dict, mask: PyTree, leaf_ranks: dict[str, int]) -> Reparam:
   """LoRA on expert stacks (peft's ``target_parameters``): the tensors' own ranks (fused
   stacks: ``rank_pattern`` entries that keep the scale) at the config's scale."""
   r, alpha = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
