@@ -28,6 +28,10 @@ the original base by ``save_pretrained(path_initial_model_for_weight_conversion=
 the original base; equal to ``out`` up to rounding), ``residual/<module>`` (the rewritten base
 weights, torch layout).
 
+Reproducibility (torch 2.13.0 CPU, transformers, peft 0.21.2): a rerun into ``--out`` gives every
+tensor and array bit for bit; only the order of ``target_modules`` in the configs may differ (peft
+keeps it as a set).
+
 Draws: the base from a ``torch.Generator`` seeded 0 (the same base for every case), the adapter
 from one seeded ``1000 +`` the case's index in :data:`CASES`; base weights ``0.1 N(0, 1)`` (LayerNorm
 scales ``1 + 0.1 N``), adapter parameters ``0.2 N(0, 1)`` (1-d ones ``0.5 N``, IA3 ``1 + 0.2 N``).
