@@ -14,6 +14,8 @@ scale 0.25, lr 1e-3, GaLore on the 4 weight matrices, plain Adam(W) on the biase
 * refresh: the full step on a projector-refresh step (SVD of every matrix);
 * amortized: ``(refresh + (gap - 1) * step) / gap``.
 
+``--orthonormalize`` times the projector's orthonormalization (ours vs ``jnp.linalg.qr``).
+
 ``--minilm`` prints :func:`lowrank_jax.optim.memory_report` totals (via ``jax.eval_shape``)
 for MiniLM-L6 full fine-tuning with AdamW / GaLore / GaLore + 8-bit and LoRA with fp32 / 8-bit
 AdamW.
@@ -286,6 +288,27 @@ def minilm_memory() -> None:
           + f"{rep.total('opt_state'):>14,}")
 
 
+def orthonormalize_figures(args) -> None:
+  """GaLore's projector refresh orthonormalizes a tall ``[dim, rank + 8]`` panel: our
+  Gram-eigh (CholeskyQR2-style, :func:`lowrank_jax.optim.galore._orthonormalize`) against
+  ``jnp.linalg.qr``, interleaved; both jitted, the same panel."""
+  import jax
+  import jax.numpy as jnp
+  from bench import interleaved_medians
+  from lowrank_jax.optim import galore as galore_lib
+  a = jax.random.normal(jax.random.key(0), (args.dim, args.rank + 8), jnp.float32)
+  ours = jax.jit(galore_lib._orthonormalize)
+  qr = jax.jit(lambda x: jnp.linalg.qr(x)[0])
+  q1, q2 = ours(a), qr(a)
+  # the same subspace: the projectors agree (columns differ by signs/rotation only)
+  gap = float(jnp.max(jnp.abs(q1 @ q1.T - q2 @ q2.T)))
+  r = interleaved_medians({"gram-eigh": lambda: jax.block_until_ready(ours(a)),
+                           "qr": lambda: jax.block_until_ready(qr(a))}, args.steps)
+  print(f"\northonormalize [{args.dim}, {args.rank + 8}] on {jax.devices()[0].platform}: "
+        f"gram-eigh {r['gram-eigh'][1]*1e3:.2f} ms, jnp.linalg.qr {r['qr'][1]*1e3:.2f} ms "
+        f"(qr / ours {r['qr'][1] / r['gram-eigh'][1]:.1f}x); max |P_ours - P_qr| {gap:.1e}")
+
+
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--steps", type=int, default=int(os.environ.get("STEPS", 8)))
@@ -297,10 +320,15 @@ def main():
   ap.add_argument("--no-torch", action="store_true")
   ap.add_argument("--no-offload", action="store_true")
   ap.add_argument("--minilm", action="store_true", help="only the MiniLM memory reports")
+  ap.add_argument("--orthonormalize", action="store_true",
+                  help="only the projector orthonormalization: ours vs jnp.linalg.qr")
   args = ap.parse_args()
   import jax
   if args.minilm:
     minilm_memory()
+    return
+  if args.orthonormalize:
+    orthonormalize_figures(args)
     return
   print(f"GaLore bench: {args.layers} x Linear({args.dim},{args.dim})+GELU, batch {args.batch}, "
         f"rank {args.rank}, gap {args.gap}, scale 0.25; backend {jax.devices()[0].platform}, "

@@ -129,7 +129,8 @@ def _orthonormalize(a: jax.Array) -> jax.Array:
   ``a^T a = W diag(lam) W^T`` gives ``Q = a W diag(lam)^(-1/2)``; done twice (as in
   CholeskyQR2) for accuracy. Directions with ``lam`` below ``1e-12 max(lam)`` (a
   rank-deficient gradient) are dropped (zero columns). Only matmuls and a small
-  ``eigh``: on XLA:CPU ``jnp.linalg.qr`` of a 1024 x 136 panel is ~100x slower.
+  ``eigh``, which every backend runs well; ``python -m bench.galore --orthonormalize``
+  times it against ``jnp.linalg.qr`` (bench/README.md).
   """
   for _ in range(2):
     lam, w = jnp.linalg.eigh(a.T @ a)

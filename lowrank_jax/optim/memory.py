@@ -26,7 +26,6 @@ import re
 from typing import Any, Callable, Optional, Union
 
 import jax
-import numpy as np
 
 from lowrank_jax import tree as tree_lib
 
@@ -39,9 +38,10 @@ COLUMNS = ("frozen", "trainable", "grads", "opt_state", "opt_state_host")
 
 
 def _nbytes(x) -> int:
+  """:func:`lowrank_jax.tree.array_bytes` of an array leaf, 0 for anything else."""
   if x is None or not hasattr(x, "dtype") or not hasattr(x, "shape"):
     return 0
-  return int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+  return tree_lib.array_bytes(x)
 
 
 def _is_host(x) -> bool:
