@@ -15,20 +15,10 @@ import jax
 
 from lowrank_jax.quant.calibration import (NF4_SIGMA, SHIFT_STORAGES, ICQSearch, block_code_entropy,
                                            block_median, icq_search, icq_shift, lambda_grid)
+from lowrank_jax.quant import calibration as _calibration
 from lowrank_jax.quant.nf4 import Quant4, unpack_nibbles
 
-__all__ = [
-  "NF4_SIGMA",
-  "SHIFT_STORAGES",
-  "ICQSearch",
-  "lambda_grid",
-  "block_median",
-  "block_code_entropy",
-  "code_entropy",
-  "icq_search",
-  "icq_shift",
-  "icq_encode",
-]
+__all__ = list(_calibration.__all__) + ["code_entropy", "icq_encode"]
 
 
 def code_entropy(q: Quant4) -> jax.Array:

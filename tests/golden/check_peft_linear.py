@@ -22,18 +22,12 @@ import numpy as np
 import peft
 import torch
 
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from make_peft_tuners import _Model  # noqa: E402  (the one-layer model both scripts use)
+
 HERE = pathlib.Path(__file__).parent
 CONFIGS = {"LORA": peft.LoraConfig, "LOKR": peft.LoKrConfig, "LOHA": peft.LoHaConfig,
            "VERA": peft.VeraConfig, "IA3": peft.IA3Config, "GLORA": peft.GloraConfig}
-
-
-class _Model(torch.nn.Module):
-  def __init__(self):
-    super().__init__()
-    self.lin = torch.nn.Linear(64, 48)
-
-  def forward(self, x):
-    return self.lin(x)
 
 
 def check(name: str) -> None:
