@@ -252,6 +252,8 @@ def _header_bytes(sources: Sequence[TensorSource], metadata: Optional[Mapping[st
 
 
 def _write_to(f, sources: Sequence[TensorSource], metadata) -> None:
+  """The header, then each source produced, written and released before the next one is
+  produced (one tensor in memory at a time)."""
   f.write(_header_bytes(sources, metadata))
   for s in sources:
     arr = np.asarray(s.produce())
@@ -261,6 +263,7 @@ def _write_to(f, sources: Sequence[TensorSource], metadata) -> None:
     if arr.dtype.byteorder == ">" or (arr.dtype.byteorder == "=" and not np.little_endian):
       arr = arr.byteswap()
     f.write(memoryview(arr.reshape(-1).view(np.uint8)) if arr.size else b"")
+    del arr
 
 
 def _atomic_file(path: str, write: Callable[[Any], None]) -> None:

@@ -171,25 +171,37 @@ def _hf_dtype_name(dt) -> str:
                                                                                  np.dtype(dt).name)
 
 
-def save_pretrained(folder: str | os.PathLike, config: DecoderConfig, params: PyTree, *, dtype=None,
-                    max_shard_size: Optional[int | str] = None) -> list[str]:
+def save_pretrained(folder: Optional[str | os.PathLike], config: DecoderConfig, params: PyTree, *, dtype=None,
+                    max_shard_size: Optional[int | str] = None,
+                    fetch: Optional[Callable[[str], Optional[np.ndarray]]] = None) -> list[str]:
   """Writes ``config.json`` and the weights as a folder ``transformers`` loads
   (``AutoModelForCausalLM.from_pretrained``) and :func:`load_pretrained` reads back.
 
+  Each leaf is fetched once, in the order of the family's tensor table, converted and
+  written, and released before the next one is fetched: the host holds one leaf (and the
+  tensor being written) at a time.
+
   Args:
     folder: created if needed; files of an earlier save (``model*.safetensors``, the
-      index) are replaced, other files (tokenizer...) are kept.
+      index) are replaced, other files (tokenizer...) are kept. ``None``: nothing is
+      written, every leaf is only fetched, in the same order (the other processes of a
+      multi-process export, whose ``fetch`` runs the same collectives as process 0's).
     config: the model's :class:`DecoderConfig`.
     params: the parameter tree; lazy leaves are materialised one at a time. Leaves
       outside the architecture (adapters, prefixes) are an error: merge them first.
+      With ``fetch``, only each leaf's ``shape`` and ``dtype`` are read (e.g.
+      ``jax.ShapeDtypeStruct``).
     dtype: stored dtype of every tensor (``None``: each leaf's own).
     max_shard_size: bytes or ``"2GB"``-style; larger checkpoints are sharded with a
       ``model.safetensors.index.json``.
+    fetch: ``path -> numpy array`` of the leaf at ``path`` (default: the leaf of
+      ``params``, materialised and copied to the host); a streamed merged export
+      (:func:`lowrank_jax.trainer.export.export_merged`) merges and gathers the leaf here.
+      It may return ``None`` when ``folder`` is ``None``.
 
   Returns:
-    The file names written.
+    The file names written (``[]`` when ``folder`` is ``None``).
   """
-  folder = os.fspath(folder)
   shapes = param_shapes(config)
   leaves = dict(tree_lib.flatten_with_paths(params))
   missing = sorted(set(shapes) - set(leaves))
@@ -201,13 +213,20 @@ def save_pretrained(folder: str | os.PathLike, config: DecoderConfig, params: Py
     if tuple(leaves[path].shape) != shape:
       raise ValueError(f"params: {path!r} has shape {tuple(leaves[path].shape)}, the config implies {shape}")
   table = families.tensor_table(config, shapes)
+  if fetch is None:
+    fetch = lambda path: np.asarray(jax.device_get(lazy.materialize(leaves[path])))
+  if folder is None:  # the same fetches in the same order (the writer keeps the table's order)
+    for entry in table:
+      fetch(entry.path)
+    return []
+  folder = os.fspath(folder)
   sources = []
   cache: dict[str, np.ndarray] = {}
 
-  def dense(path):  # the last materialised leaf, kept for the experts of a 3-d leaf
+  def dense(path):  # the last fetched leaf, kept for the experts of a 3-d leaf
     if path not in cache:
-      cache.clear()
-      cache[path] = np.asarray(jax.device_get(lazy.materialize(leaves[path])))
+      cache.clear()  # released before the next leaf is fetched
+      cache[path] = np.asarray(fetch(path))
     return cache[path]
 
   for entry in table:
