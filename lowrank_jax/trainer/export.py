@@ -1,11 +1,12 @@
 """What a finished run leaves for other tools: the adapter as a PEFT folder and, on request,
 the merged model as a Hugging Face folder.
 
-The PEFT folder goes through :func:`lowrank_jax.interop.peft.save_peft_adapter` (LoRA, DoRA
-and per-expert LoRA chains of one method with ``bias="none"`` and a base that stays the pretrained one,
-i.e. not PiSSA/OLoRA-initialised); other chains are skipped with a note saying why. The
-merged folder is written by the task's ``save_merged`` into a temporary folder beside the
-target and renamed into place.
+The PEFT folder goes through :func:`lowrank_jax.interop.peft.save_peft_adapter` with the
+methods' reparam, whose registry configs say what to write; what peft cannot represent is
+skipped with its reason. The merged folder is streamed leaf by leaf (:func:`write_merged`):
+each merged leaf is computed on the devices from its own parts of ``theta0`` and ``phi``,
+gathered, written by process 0 and released before the next, so no process ever holds
+the whole merged model, on its devices or its host.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from lowrank_jax import lazy
 from lowrank_jax import tree as tree_lib
 from lowrank_jax.interop import peft
 from lowrank_jax.io import safetensors as st
-from lowrank_jax.reparam import Reparam, merge
+from lowrank_jax.methods import registry
+from lowrank_jax.reparam import Reparam, chain, merge
 from lowrank_jax.trainer.config import RunConfig
 from lowrank_jax.trainer.processes import is_primary
 from lowrank_jax.trainer.setup import Setup
@@ -38,29 +40,73 @@ PyTree = Any
 
 
 def peft_exportable(config: RunConfig) -> Optional[str]:
-  """``None`` when the method chain has a PEFT adapter layout here, else the reason it has not."""
+  """``None`` when the run may have a PEFT adapter to write, else the reason it has not (no
+  method). What peft cannot represent is known only when :func:`export_peft` tries
+  (:func:`lowrank_jax.interop.peft.save_peft_adapter` refuses it, saying why)."""
   names = config.method_names
-  if len(names) != 1:
-    return f"PEFT export needs exactly one method, the chain has {list(names) or 'none'}"
-  m = config.methods[0]
-  if m.method_name not in ("lora", "dora", "batched_lora"):
-    return f"PEFT export of {m.method_name!r} is not supported (LoRA, DoRA and batched LoRA are)"
-  if getattr(m, "bias", "none") != "none":
-    return f"PEFT export of LoRA with bias={m.bias!r} is not supported"
-  if getattr(m, "init", "kaiming") in ("pissa", "olora"):
-    return f"init={m.init!r} rewrites the base weights; the adapter alone is not the model"
+  if not names:
+    return "PEFT export needs a method; the run trains only the task's head"
+  if all(n == "full" for n in names):
+    return f"PEFT export: the chain {list(names)} has no adapter (full fine-tuning: export the merged model)"
   return None
 
 
+def _addressable(tree: PyTree) -> bool:
+  return all(x.is_fully_addressable for x in jax.tree.leaves(tree) if isinstance(x, jax.Array))
+
+
+def _shapes(tree: PyTree) -> PyTree:
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree, is_leaf=lazy.is_lazy)
+
+
+def _initial_factors(setup: Setup) -> tuple[bool, Optional[PyTree]]:
+  """``(rewrote, factors)``: whether a method's initialisation rewrote the base (PiSSA /
+  OLoRA) and then its initial ``phi`` (LoRA factors, biases left out) on this host, or
+  ``None`` when it spans processes."""
+  for i, m in setup.method_parts:
+    if getattr(m, "init", None) in ("pissa", "olora"):
+      p = setup.phi[i]
+      p = p[0] if getattr(m, "bias", "none") != "none" else p  # (lora, biases)
+      return True, (jax.device_get(p) if _addressable(p) else None)
+  return False, None
+
+
 def export_peft(folder: pathlib.Path, config: RunConfig, setup: Setup, phi: PyTree, problem: Problem) -> Optional[str]:
-  """Writes the adapter to ``folder``; returns ``None`` or the reason it was skipped."""
+  """Writes the adapter of the config's methods (the task's head left out) to ``folder``;
+  returns ``None`` or the reason it was skipped.
+
+  The methods' reparam (rebuilt by the registry from the run's method configs) carries
+  those configs, so :func:`lowrank_jax.interop.peft.save_peft_adapter` writes every
+  setting peft has from them: LoRA (rsLoRA, ``bias="all"`` / ``"lora_only"``), DoRA,
+  AdaLoRA, LoKr, LoHa, VeRA (its projections drawn for the base's shapes), IA3, batched
+  LoRA and LoRA on expert stacks, ``full`` entries chained after the adapter as trained
+  biases / ``modules_to_save``; PiSSA / OLoRA adapters are converted to LoRAs of rank
+  ``2r`` relative to the base they were initialised from, with their initial factors
+  (``setup.phi``: exact, whatever SVD or quantized base made them). What peft cannot
+  represent is refused by ``save_peft_adapter`` (``NotImplementedError``), and so is what
+  it cannot write from what is here (``ValueError``: e.g. a PiSSA adapter whose initial
+  factors span processes); its message is returned and nothing is written.
+
+  Called by process 0 alone with ``phi`` on its host (no collective here).
+  """
   why = peft_exportable(config)
   if why is not None:
     return why
-  (index, m), = setup.method_parts
-  peft.save_peft_adapter(folder, phi[index], rank=m.rank, alpha=m.alpha if m.alpha is not None else m.rank,
-                         use_rslora=bool(getattr(m, "rslora", False)), path_to_module=problem.path_to_module,
-                         base_model_name_or_path=problem.base["path"], overwrite=True)
+  index = [i for i, _ in setup.method_parts]
+  parts = [registry.build_from(m) for _, m in setup.method_parts]
+  one = len(parts) == 1
+  reparam = parts[0] if one else chain(*parts)
+  adapter = phi[index[0]] if one else tuple(phi[i] for i in index)
+  rewrote, initial = _initial_factors(setup)
+  # VeRA's projections need only the base's shapes; without the initial factors of a
+  # PiSSA / OLoRA adapter (spread over processes) save_peft_adapter says what it lacks
+  theta0 = None if rewrote and initial is None else _shapes(problem.theta0)
+  try:
+    peft.save_peft_adapter(folder, adapter, reparam=reparam, theta0=theta0,
+                           initial_phi=initial, path_to_module=problem.path_to_module,
+                           base_model_name_or_path=problem.base["path"], overwrite=True)
+  except (NotImplementedError, ValueError) as e:
+    return str(e)
   _readable(folder)
   return None
 
