@@ -44,10 +44,9 @@ import tempfile
 from typing import Optional, Sequence
 
 import jax
-from jax._src import xla_bridge  # backends_are_initialized: no public equivalent
 
 from lowrank_jax.trainer import files, report
-from lowrank_jax.trainer.base import ResumeError, folder_hash
+from lowrank_jax.trainer.base import ResumeError, same_folder
 from lowrank_jax import distributed
 from lowrank_jax.trainer.config import ConfigError, from_dict, load_all, read_json, to_dict
 from lowrank_jax.trainer.processes import join
@@ -119,9 +118,10 @@ def _stated_process_index(configs, flags: dict) -> int:
 def _pin_to_cpu() -> None:
   """Keeps this (parent) process off the accelerators: it only reads checkpoint metadata,
   and a GPU it initialised (memory preallocation) or a TPU it held (one process per chip)
-  would be taken from the training process."""
-  if not xla_bridge.backends_are_initialized():
-    jax.config.update("jax_platforms", "cpu")
+  would be taken from the training process. Called first thing in the command, before any
+  JAX computation, so no backend exists yet; the children get the user's environment
+  (``JAX_PLATFORMS`` included) unchanged, not this setting."""
+  jax.config.update("jax_platforms", "cpu")
 
 
 def _reusable(config, out: pathlib.Path) -> Optional[dict]:
@@ -134,7 +134,7 @@ def _reusable(config, out: pathlib.Path) -> Optional[dict]:
       or prev.get("status") not in ("completed", "diverged")):
     return None
   base = prev.get("base") or {}
-  if os.path.isdir(base.get("path", "")) and folder_hash(base["path"]) != base.get("sha256"):
+  if os.path.isdir(base.get("path", "")) and not same_folder(base, base["path"]):
     return None  # the base folder changed since: not the same run (resuming it says why)
   return prev
 
@@ -169,6 +169,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   if argv[:1] == ["--child"]:
     return _child(argv)
   args = _parser().parse_args(argv)
+  if command and not args.inline:
+    _pin_to_cpu()
   out = pathlib.Path(args.out)
   overrides = list(args.overrides)
   if args.mesh is not None:
@@ -181,12 +183,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise ConfigError("--inline: every config must have the same 'distributed' section (one "
                           "jax.distributed per process); run without --inline instead")
       join(configs[0].distributed, **flags)
-    elif command:
-      _pin_to_cpu()
-    if args.resume:
-      for c in configs:
-        if _reusable(c, out) is None:
-          check_resumable(c, RunDir(out / c.name))
+    reusable = {c.name: _reusable(c, out) for c in configs} if args.resume else {}
+    for c in configs:
+      if args.resume and reusable[c.name] is None:
+        check_resumable(c, RunDir(out / c.name))
   except (ConfigError, ResumeError) as e:
     print(f"error: {e}", file=sys.stderr)
     return EXIT_CONFIG
@@ -195,7 +195,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   results, processes = [], set()
   with StopFlag() as stop:
     for c in configs:
-      prev = _reusable(c, out) if args.resume else None
+      prev = reusable.get(c.name)
       if prev is not None:
         print(f"[{c.name}] reusing {out / (c.name + '.json')}", flush=True)
         results.append(prev)
