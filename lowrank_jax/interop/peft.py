@@ -63,8 +63,9 @@ from lowrank_jax import lazy, tree as tree_lib, validate
 from lowrank_jax.interop import hf
 from lowrank_jax.io import safetensors as st
 from lowrank_jax.methods import registry, vera as vera_lib
-from lowrank_jax.models import bert, families
-from lowrank_jax.reparam import PhiMismatchError, Reparam, chain, initialize as lj_initialize
+from lowrank_jax.models import bert, decoder, families
+from lowrank_jax.reparam import (PerModule, PhiMismatchError, Reparam, chain, initialize as lj_initialize,
+                                  per_module)
 
 __all__ = [
   "CONFIG_NAME",
@@ -136,14 +137,30 @@ def _decoder_linears(config) -> list[tuple[re.Pattern, str, re.Pattern, str]]:
   return out
 
 
+def _decoder_tensors(config) -> dict[str, str]:
+  """Hugging Face tensor name -> our leaf path of every 1-d / 2-d leaf of the family's table
+  (norm scales, embeddings, kernels, biases; not the expert stacks): the names of trained
+  base tensors (``modules_to_save``, trained biases) both ways."""
+  return {e.hf[0]: e.path for e in families.tensor_table(config, decoder.param_shapes(config)) if not e.stacked}
+
+
 def decoder_module_to_path(config) -> Callable[[str], str]:
   """peft module name -> our path for a decoder family (``config`` a ``DecoderConfig``).
 
   ``model.layers.{i}.self_attn.q_proj`` -> ``layers/layer_{i}/attention/q_proj/kernel``
   (every linear of the family's table, ``lm_head`` included); an expert ``ParamWrapper``
   (``model.layers.{i}.mlp.experts[.base_layer]``) -> the node ``layers/layer_{i}/mlp/experts``.
+  The function's ``tensor_to_path(name, ndim)`` attribute maps the family's tensor names
+  (``model.norm.weight`` -> ``norm/scale``; :func:`load_peft_adapter`'s default for trained
+  base tensors).
   """
   table = _decoder_linears(config)
+  tensors = _decoder_tensors(config)
+
+  def tensor_to_path(name: str, ndim: int) -> str:
+    if name not in tensors:
+      raise KeyError(f"{name!r} is not a tensor of the {config.family} family's model")
+    return tensors[name]
 
   def module_to_path(module: str) -> str:
     m = _EXPERT_WRAPPER.match(module)
@@ -155,12 +172,20 @@ def decoder_module_to_path(config) -> Callable[[str], str]:
         return ours.replace("{i}", m.group(1) if rx.groups else "") + "/kernel"
     raise KeyError(f"no module -> path mapping for {module!r} in the {config.family} family "
                    f"(its adaptable linears: {sorted({t for _, _, _, t in table})})")
+  module_to_path.tensor_to_path = tensor_to_path
   return module_to_path
 
 
 def decoder_path_to_module(config) -> Callable[[str], str]:
-  """Inverse of :func:`decoder_module_to_path` (expert stacks: the ``mlp.experts`` module)."""
+  """Inverse of :func:`decoder_module_to_path` (expert stacks: the ``mlp.experts`` module);
+  its ``torch_name(path)`` attribute is the tensor name of any 1-d / 2-d leaf."""
   table = _decoder_linears(config)
+  names = {path: name for name, path in _decoder_tensors(config).items()}
+
+  def torch_name(path: str) -> str:
+    if path not in names:
+      raise KeyError(f"no tensor name for {path!r} in the {config.family} family")
+    return names[path]
 
   def path_to_module(path: str) -> str:
     m = _EXPERT_NODE.match(path)
@@ -171,6 +196,7 @@ def decoder_path_to_module(config) -> Callable[[str], str]:
       if m:
         return theirs.replace("{i}", m.group(1) if rx.groups else "")
     raise KeyError(f"no path -> module mapping for {path!r} in the {config.family} family")
+  path_to_module.torch_name = torch_name
   return path_to_module
 
 
@@ -359,7 +385,8 @@ def _targeted(config: dict, module: str) -> bool:
 
 
 def _saved_module(config: dict, module: str) -> bool:
-  return any(module == k or module.endswith("." + k) for k in config.get("modules_to_save") or ())
+  """peft's ``modules_to_save`` match: a plain suffix (``"norm"`` also saves ``input_layernorm``)."""
+  return any(module.endswith(k) for k in config.get("modules_to_save") or ())
 
 
 def _default_tensor_to_path(module_to_path: Callable[[str], str]) -> Callable[[str, int], str]:
@@ -367,6 +394,8 @@ def _default_tensor_to_path(module_to_path: Callable[[str], str]) -> Callable[[s
   renaming for the BERT mapping, else the sibling of ``module_to_path(module)``'s kernel."""
   if module_to_path is bert_module_to_path:
     return lambda name, ndim: hf.rename(name, bert.bert_rules(), ndim=ndim)
+  if hasattr(module_to_path, "tensor_to_path"):  # decoder_module_to_path: the family's table
+    return module_to_path.tensor_to_path
 
   def tensor_to_path(name: str, ndim: int) -> str:
     module, _, param = name.rpartition(".")
@@ -512,47 +541,6 @@ def _build(kind: str, config: dict, mask: PyTree, key: tuple, shared: dict, ff_p
   raise NotImplementedError(kind)
 
 
-class PerModule(NamedTuple):
-  """``Reparam.config`` of :func:`per_module`: the configs of its parts, in order."""
-  parts: tuple
-
-
-def per_module(parts: list[tuple[PyTree, Reparam]]) -> Reparam:
-  """Per-leaf reparams over disjoint sets of leaves that share one ``phi`` mirror tree
-  (e.g. LoRA with another rank and alpha per module: peft's ``rank_pattern`` /
-  ``alpha_pattern``). ``parts`` are ``(mask, reparam)`` with each reparam built on its mask;
-  each part sees ``phi`` at its own leaves only (``None`` elsewhere)."""
-
-  def restrict(theta0, phi, mask):
-    treedef = jax.tree_util.tree_structure(theta0, is_leaf=lazy.is_lazy)
-    flags = jax.tree_util.tree_leaves(mask)
-    return jax.tree_util.tree_unflatten(treedef, [p if f else None for p, f in
-                                                  zip(treedef.flatten_up_to(phi), flags)])
-
-  def init(key, theta0):
-    phis = [r.init(jax.random.fold_in(key, i), theta0) for i, (_, r) in enumerate(parts)]
-    treedef = jax.tree_util.tree_structure(theta0, is_leaf=lazy.is_lazy)
-    flat = [treedef.flatten_up_to(p) for p in phis]
-    return jax.tree_util.tree_unflatten(treedef, [next((x for x in xs if x is not None), None)
-                                                  for xs in zip(*flat)])
-
-  def apply(theta0, phi, rng=None):
-    theta = theta0
-    for i, (mask, r) in enumerate(parts):
-      theta = r.apply(theta, restrict(theta0, phi, mask), None if rng is None else jax.random.fold_in(rng, i))
-    return theta
-
-  unmerge = None
-  if all(r.unmerge is not None for _, r in parts):
-    def unmerge(theta, phi):
-      for mask, r in reversed(parts):
-        theta = r.unmerge(theta, restrict(theta, phi, mask))
-      return theta
-
-  return Reparam(init=init, apply=apply, init_with_base=lambda key, theta0: (theta0, init(key, theta0)),
-                 unmerge=unmerge, config=PerModule(tuple(r.config for _, r in parts)))
-
-
 def load_peft_adapter(folder: str | os.PathLike, theta0: PyTree, *,
                       module_to_path: Callable[[str], str] = bert_module_to_path,
                       tensor_to_path: Optional[Callable[[str, int], str]] = None,
@@ -603,7 +591,7 @@ def load_peft_adapter(folder: str | os.PathLike, theta0: PyTree, *,
   leaves: list[Optional[dict]] = [None] * len(items)
   groups: list[Optional[tuple]] = [None] * len(items)
   trained: list[Any] = [None] * len(items)
-  ff_paths, stacked = [], False
+  ff_paths, stacked, expert_modules = [], False, []
   feedforward = config.get("feedforward_modules") or []
   for module, params in modules.items():
     base_params = {k: v for k, v in params.items() if k in ("weight", "bias")}
@@ -629,6 +617,7 @@ def load_peft_adapter(folder: str | os.PathLike, theta0: PyTree, *,
           raise ValueError(f"module {module!r}: '{leaf_path}' is adapted twice")
         leaves[index[leaf_path]] = leaf
       stacked = True
+      expert_modules.append(module)
       continue
     if path not in index:
       raise KeyError(f"adapter module {module!r} maps to path {path!r}, which is not in the base "
@@ -648,11 +637,20 @@ def load_peft_adapter(folder: str | os.PathLike, theta0: PyTree, *,
   if not any(l is not None for l in leaves):
     raise ValueError(f"{folder} holds no adapter tensors")
   if stacked:
-    mask = jax.tree_util.tree_unflatten(treedef, [l is not None for l in leaves])
-    r = int(config.get("r", 0))
-    leaf_ranks = {path: int(l["a"].shape[-1]) for (path, _), l in zip(items, leaves)
-                  if l is not None and int(l["a"].shape[-1]) != r}
-    reparam = _stacked_reparam(config, mask, leaf_ranks)
+    # the expert stacks and the modules at the config's (r, alpha) in one batched LoRA;
+    # modules with their own rank_pattern / alpha_pattern entry in LoRA parts beside it
+    default = (int(config.get("r", 8)), float(config.get("lora_alpha", 8)))
+    other = [g for g in dict.fromkeys(groups) if g is not None and g != default]
+    in_stack = [l is not None and g not in other for l, g in zip(leaves, groups)]
+    mask = jax.tree_util.tree_unflatten(treedef, in_stack)
+    leaf_ranks = {path: int(l["a"].shape[-1]) for (path, _), l, s in zip(items, leaves, in_stack)
+                  if s and int(l["a"].shape[-1]) != default[0]}
+    names = [f"{m}.{p.rpartition('.')[2]}" for m in expert_modules for p in _EXPERT_PARAMS]
+    reparam = _stacked_reparam(config, mask, leaf_ranks, names)
+    if other:
+      parts = [(jax.tree_util.tree_unflatten(treedef, [g == key for g in groups]), None) for key in other]
+      parts = [(m, _build(kind, config, m, key, shared, ff_paths, dtype)) for (m, _), key in zip(parts, other)]
+      reparam = per_module(parts + [(mask, reparam)])
   else:
     keys = list(dict.fromkeys(g for g in groups if g is not None))
     parts = []
@@ -738,13 +736,14 @@ def _abstract_tree(tree: PyTree) -> PyTree:
   return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
 
 
-def _stacked_reparam(config: dict, mask: PyTree, leaf_ranks: dict[str, int]) -> Reparam:
+def _stacked_reparam(config: dict, mask: PyTree, leaf_ranks: dict[str, int], expert_names: list[str]) -> Reparam:
   """LoRA on expert stacks (peft's ``target_parameters``): the tensors' own ranks (fused
-  stacks: ``rank_pattern`` entries that keep the scale) at the config's scale."""
+  stacks: ``rank_pattern`` entries that keep the scale) at the config's scale.
+  ``expert_names``: ``<wrapper module>.<parameter>`` of the stacks, which the patterns may match."""
   r, alpha = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
   root = (lambda x: x ** 0.5) if config.get("use_rslora") else (lambda x: x)
   rp, ap = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
-  for key in set(rp) | set(ap):
+  for key in {k for k in set(rp) | set(ap) if any(_pattern_key([k], n) for n in expert_names)}:
     rk, ak = int(rp.get(key, r)), float(ap.get(key, alpha))
     if abs(ak / root(rk) - alpha / root(r)) > 1e-9 * abs(alpha / root(r)):
       raise NotImplementedError(f"rank_pattern/alpha_pattern entry {key!r} (r={rk}, alpha={ak}) changes "
@@ -929,6 +928,8 @@ def _torch_name(path: str, path_to_module: Callable[[str], str]) -> str:
   """The torch tensor name of our leaf ``path`` (a kernel -> ``<module>.weight``)."""
   if path_to_module is bert_path_to_module:
     return bert.hf_name(path)
+  if hasattr(path_to_module, "torch_name"):  # decoder_path_to_module: the family's table
+    return path_to_module.torch_name(path)
   parent, _, last = path.rpartition("/")
   module = path_to_module(parent + "/kernel")
   return module + "." + {"kernel": "weight", "scale": "weight", "embedding": "weight"}.get(last, last)

@@ -134,12 +134,14 @@ def save_base(model, folder: pathlib.Path) -> None:
             str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
-def allocate(model) -> None:
-  """AdaLoRA: a few steps of the rank allocator until its final mask (``rank_pattern``)."""
+def allocate(model, forward=None) -> None:
+  """AdaLoRA: a few steps of the rank allocator until its final mask (``rank_pattern``);
+  ``forward(model)`` is the tensor whose squared sum is the loss (default: BERT's hidden state)."""
   cfg = model.peft_config["default"]
   for step in range(cfg.total_step):
     model.zero_grad()
-    out = model(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK)).last_hidden_state
+    out = forward(model) if forward else model(input_ids=torch.tensor(IDS),
+                                               attention_mask=torch.tensor(MASK)).last_hidden_state
     (out ** 2).sum().backward()
     model.base_model.update_and_allocate(step)
   model.zero_grad()
