@@ -104,7 +104,7 @@ def test_cli_run_exports_rslora_with_trained_biases(tmp_path):
     ([{"name": "ia3", "where": r"attention/(key|value)/kernel$|layer_\d+/output/kernel$",
        "feedforward": r"layer_\d+/output/kernel$"}], "IA3"),
     ([{"name": "lora", "where": QV, "rank": 2, "alpha": 4},
-      {"name": "full", "where": r"attention/output/dense/kernel$"}], "LORA"),
+      {"name": "full", "where": r"attention/output/kernel$"}], "LORA"),
 ], ids=["dora", "pissa", "vera", "loha", "lokr", "ia3", "lora+full"])
 def test_every_method_peft_has_is_written_from_its_config(tmp_path, methods, peft_type):
   config = C.load(str(_config(tmp_path, methods)))
