@@ -176,8 +176,14 @@ def _template_from(config: Mapping[str, Any], folder: str) -> Optional[str]:
 
 def load_tokenizer(folder: str | os.PathLike) -> ChatTokenizer:
   """The tokenizer of a Hugging Face folder (``tokenizer.json`` + ``tokenizer_config.json``,
-  optionally ``special_tokens_map.json`` and ``chat_template.jinja``)."""
+  optionally ``special_tokens_map.json`` and ``chat_template.jinja``).
+
+  ``folder`` may also be a ``tokenizer.json`` file itself: then the tokenizer alone, without
+  special tokens or chat template (no config files are read).
+  """
   folder = os.fspath(folder)
+  if os.path.isfile(folder):
+    return ChatTokenizer(Tokenizer.from_file(folder), name=folder)
   path = os.path.join(folder, "tokenizer.json")
   if not os.path.exists(path):
     where = "folder does not exist" if not os.path.isdir(folder) else "no tokenizer.json in it"

@@ -34,22 +34,25 @@ import json
 import os
 from typing import Literal, Mapping, Optional, Protocol, Sequence
 
-import jinja2
-import jinja2.ext
-import jinja2.sandbox
 import numpy as np
+
+from lowrank_jax import validate
+from lowrank_jax.data import chat
 
 __all__ = ["TextTokenizer", "Example", "SFTRows", "read_jsonl", "record_segments", "tokenize_record",
            "pack", "load_sft", "render_chat_template"]
 
 ROW_KEYS = ("input_ids", "segment_ids", "positions", "targets", "loss_mask")
+_INT32_IDS = int(np.iinfo(np.int32).max) + 1  # the ids rows can hold, when no vocabulary size is known
 
 
 class TextTokenizer(Protocol):
   """What the data layer needs from a tokenizer.
 
   ``encode`` adds no special tokens (special tokens written in the text, e.g. by a chat
-  template, are recognised); ``bos_id``/``eos_id`` may be ``None``.
+  template, are recognised); ``bos_id``/``eos_id`` may be ``None``. A tokenizer may also
+  have ``vocab_size`` (e.g. :class:`lowrank_jax.data.chat.ChatTokenizer`): then every id it
+  gives is checked to lie in ``[0, vocab_size)`` when the data is built.
   """
   bos_id: Optional[int]
   eos_id: Optional[int]
@@ -92,26 +95,7 @@ def read_jsonl(path: str | os.PathLike) -> list[tuple[str, dict]]:
   return out
 
 
-def _raise(message: str):
-  raise jinja2.TemplateError(message)
-
-
-def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
-  return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def render_chat_template(template: str, messages: Sequence[Mapping[str, str]], *,
-                         add_generation_prompt: bool = False, **special_tokens: str) -> str:
-  """A Hugging Face chat template (Jinja, from ``tokenizer_config.json``) rendered as
-  ``transformers`` renders it: a sandboxed environment with ``trim_blocks`` and
-  ``lstrip_blocks``, the ``tojson`` filter, ``raise_exception``, loop controls, and the
-  special tokens (``bos_token=...``) as variables."""
-  env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                     extensions=[jinja2.ext.loopcontrols])
-  env.filters["tojson"] = _tojson
-  env.globals["raise_exception"] = _raise
-  return env.from_string(template).render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                          **special_tokens)
+render_chat_template = chat.render_chat_template  # the one renderer (kept here under its old name)
 
 
 def _check_messages(messages, where: str) -> list[dict]:
@@ -146,6 +130,9 @@ def record_segments(record: Mapping, tokenizer: TextTokenizer, where: str = "rec
     for i, m in enumerate(messages):
       if m["role"] != "assistant":
         continue
+      if i == 0:
+        raise ValueError(f"{where}: messages[0] is an assistant turn; the chat template cannot render "
+                         "the empty conversation before it (start with a system or user message)")
       before = render(messages[:i], add_generation_prompt=True)
       after = render(messages[:i + 1], add_generation_prompt=False)
       if not (before.startswith(done) and after.startswith(before)):
@@ -162,26 +149,55 @@ def record_segments(record: Mapping, tokenizer: TextTokenizer, where: str = "rec
                    f"got keys {sorted(keys)}")
 
 
+def _token_id(t, where: str, position: int, what: str) -> int:
+  """``t`` as an int; a float, bool or other non-integer id is an error naming where it is."""
+  if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)):
+    raise TypeError(f"{where}: {what} gave {type(t).__name__} {t!r} at token position {position}, "
+                    f"not an integer token id")
+  return int(t)
+
+
 def tokenize_record(record: Mapping, tokenizer: TextTokenizer, where: str = "record",
-                    loss_on: Literal["response", "all"] = "response") -> Example:
+                    loss_on: Literal["response", "all"] = "response", *,
+                    vocab_size: Optional[int] = None) -> Example:
   """One :class:`Example`: the pieces tokenised one by one (so a response span is exact),
-  with ``bos``/``eos`` around a prompt/response record."""
+  with ``bos``/``eos`` around a prompt/response record.
+
+  Args:
+    record: a ``{"prompt", "response"}`` or ``{"messages"}`` record.
+    tokenizer: a :class:`TextTokenizer`.
+    where: the record's name in messages (``"file:line"``).
+    loss_on: ``"response"`` or ``"all"`` (see the module docstring).
+    vocab_size: ids must lie in ``[0, vocab_size)``; default the tokenizer's ``vocab_size``
+      if it has one, else ids are only checked to be non-negative int32 values.
+
+  Raises:
+    TypeError: the tokenizer gave a non-integer id (naming ``where`` and the position).
+    lowrank_jax.validate.TokenIdError: an id outside the vocabulary (naming ``where``, the
+      id, its position and the vocabulary size).
+  """
   pieces = record_segments(record, tokenizer, where)
   tokens: list[int] = []
   flags: list[bool] = []
-  chat = "messages" in record
-  if not chat and tokenizer.bos_id is not None:
-    tokens.append(int(tokenizer.bos_id))
+  is_chat = "messages" in record
+  if not is_chat and tokenizer.bos_id is not None:
+    tokens.append(_token_id(tokenizer.bos_id, where, 0, "the tokenizer's bos_id"))
     flags.append(False)
   for text, in_loss in pieces:
-    ids = [int(t) for t in tokenizer.encode(text)]
+    ids = [_token_id(t, where, len(tokens) + j, "the tokenizer") for j, t in enumerate(tokenizer.encode(text))]
     tokens += ids
     flags += [in_loss] * len(ids)
-  if not chat and tokenizer.eos_id is not None:
-    tokens.append(int(tokenizer.eos_id))
+  if not is_chat and tokenizer.eos_id is not None:
+    tokens.append(_token_id(tokenizer.eos_id, where, len(tokens), "the tokenizer's eos_id"))
     flags.append(True)
+  vocab = vocab_size if vocab_size is not None else getattr(tokenizer, "vocab_size", None)
+  ids = np.asarray(tokens, np.int64)
+  if vocab is None:
+    validate.check_token_ids(ids, _INT32_IDS, what=f"{where}: token ids (no vocab_size known: the int32 range)")
+  else:
+    validate.check_token_ids(ids, int(vocab), what=f"{where}: token ids")
   flags_arr = np.ones(len(tokens), bool) if loss_on == "all" else np.asarray(flags, bool)
-  return Example(np.asarray(tokens, np.int32), flags_arr, where)
+  return Example(ids.astype(np.int32), flags_arr, where)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,8 +228,20 @@ def _fit(ex: Example, seq_len: int, too_long: str) -> Optional[Example]:
   return Example(ex.tokens[:seq_len], ex.in_loss[:seq_len], ex.source)
 
 
+def _check_example(ex: Example, vocab_size: Optional[int]) -> None:
+  """An example's ids (e.g. pre-tokenised, not from :func:`tokenize_record`): integers in
+  ``[0, vocab_size)`` (the int32 range without a vocabulary size), named by ``ex.source``."""
+  if vocab_size is None:
+    validate.check_token_ids(ex.tokens, _INT32_IDS, what=f"{ex.source}: token ids (the int32 range)")
+  else:
+    validate.check_token_ids(ex.tokens, vocab_size, what=f"{ex.source}: token ids")
+  if np.shape(ex.in_loss) != np.shape(ex.tokens):
+    raise ValueError(f"{ex.source}: in_loss has shape {np.shape(ex.in_loss)}, tokens {np.shape(ex.tokens)}")
+
+
 def pack(examples: Sequence[Example], seq_len: int, *, packing: bool = True,
-         too_long: Literal["truncate", "drop", "error"] = "truncate") -> SFTRows:
+         too_long: Literal["truncate", "drop", "error"] = "truncate",
+         vocab_size: Optional[int] = None) -> SFTRows:
   """Rows of ``seq_len`` tokens (see the module docstring).
 
   Args:
@@ -221,9 +249,15 @@ def pack(examples: Sequence[Example], seq_len: int, *, packing: bool = True,
     seq_len: row length ``T``.
     packing: several examples per row; ``False``: one per row, padded.
     too_long: an example longer than ``T``: ``"truncate"``, ``"drop"`` or ``"error"``.
+    vocab_size: every example's ids must lie in ``[0, vocab_size)``; ``None``: they must be
+      non-negative int32 values.
 
   Returns:
     :class:`SFTRows`; examples left without any loss token (after truncation) are dropped.
+
+  Raises:
+    lowrank_jax.validate.TokenIdError: an id out of range, naming the example's source,
+      the id and its position.
   """
   if seq_len < 2:
     raise ValueError(f"seq_len must be >= 2, got {seq_len}")
@@ -231,6 +265,7 @@ def pack(examples: Sequence[Example], seq_len: int, *, packing: bool = True,
   used = seq_len + 1  # forces a new row for the first example
   truncated = dropped = 0
   for ex in examples:
+    _check_example(ex, vocab_size)
     fitted = _fit(ex, seq_len, too_long)
     if fitted is None:
       dropped += 1
@@ -270,7 +305,11 @@ def pack(examples: Sequence[Example], seq_len: int, *, packing: bool = True,
 
 def load_sft(path: str | os.PathLike, tokenizer: TextTokenizer, seq_len: int, *, packing: bool = True,
              loss_on: Literal["response", "all"] = "response",
-             too_long: Literal["truncate", "drop", "error"] = "truncate") -> SFTRows:
-  """A JSONL file as packed rows (:func:`read_jsonl` -> :func:`tokenize_record` -> :func:`pack`)."""
-  examples = [tokenize_record(rec, tokenizer, where, loss_on) for where, rec in read_jsonl(path)]
-  return pack(examples, seq_len, packing=packing, too_long=too_long)
+             too_long: Literal["truncate", "drop", "error"] = "truncate",
+             vocab_size: Optional[int] = None) -> SFTRows:
+  """A JSONL file as packed rows (:func:`read_jsonl` -> :func:`tokenize_record` -> :func:`pack`);
+  every record's ids are checked against ``vocab_size`` (default: the tokenizer's), an id
+  out of range raising :class:`lowrank_jax.validate.TokenIdError` naming ``file:line``."""
+  examples = [tokenize_record(rec, tokenizer, where, loss_on, vocab_size=vocab_size)
+              for where, rec in read_jsonl(path)]
+  return pack(examples, seq_len, packing=packing, too_long=too_long, vocab_size=vocab_size)

@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from lowrank_jax import validate
 from lowrank_jax.models.bert import minilm_path
 
 __all__ = ["load_tokenizer", "encode"]
@@ -44,6 +45,11 @@ def encode(texts: Sequence[str], max_len: int, tokenizer=None,
 
   Returns:
     ``input_ids`` and ``attention_mask`` (1 for real tokens, 0 for padding).
+
+  Raises:
+    lowrank_jax.validate.TokenIdError: the tokenizer gave an id outside its own vocabulary
+      ``[0, get_vocab_size(with_added_tokens=True))`` (e.g. a post-processor or padding id
+      beyond it), naming the text's index and the token's position.
   """
   if max_len < 2:
     raise ValueError(f"max_len must be >= 2 (room for [CLS] and [SEP]), got {max_len}")
@@ -64,4 +70,6 @@ def encode(texts: Sequence[str], max_len: int, tokenizer=None,
     for i, e in enumerate(encs):
       ids[start + i] = e.ids
       mask[start + i] = e.attention_mask
+  validate.check_token_ids(ids, base.get_vocab_size(with_added_tokens=True),
+                           what="encode: the tokenizer's ids (position = (text index, token index))")
   return ids, mask

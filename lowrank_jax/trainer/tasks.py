@@ -13,9 +13,7 @@ evaluation. Each task turns a :class:`~lowrank_jax.trainer.config.RunConfig` int
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import jax
@@ -23,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lowrank_jax import train
-from lowrank_jax.data import docstrings, sft as sft_data, tokenization
+from lowrank_jax import train, validate
+from lowrank_jax.data import chat as chat_data, docstrings, sft as sft_data, tokenization
 from lowrank_jax.interop import peft
 from lowrank_jax.methods.full import full
 from lowrank_jax.models import bert, decoder, hf_decoder
@@ -205,41 +203,10 @@ def sft_loss(logits: jax.Array, batch: Mapping[str, jax.Array]) -> tuple[jax.Arr
   return jnp.sum(ce * w), jnp.sum(w)
 
 
-def _special_id(tok, value) -> Optional[int]:
-  """The id of a ``tokenizer_config.json`` special token (a string or ``{"content": ...}``)."""
-  if isinstance(value, dict):
-    value = value.get("content")
-  return None if value is None else tok.token_to_id(value)
-
-
-class FolderTokenizer:
-  """A Hugging Face tokenizer folder as :class:`lowrank_jax.data.sft.TextTokenizer`:
-  ``tokenizer.json`` (the ``tokenizers`` library) for the ids, ``tokenizer_config.json``
-  for ``bos_token`` / ``eos_token`` and the chat template."""
-
-  def __init__(self, folder: str):
-    self.folder = folder
-    self.tok = tokenization.load_tokenizer(folder)
-    cfg_path = os.path.join(folder, "tokenizer_config.json") if os.path.isdir(folder) else None
-    cfg = {}
-    if cfg_path and os.path.exists(cfg_path):
-      with open(cfg_path) as f:
-        cfg = json.load(f)
-    self.bos_id = _special_id(self.tok, cfg.get("bos_token"))
-    self.eos_id = _special_id(self.tok, cfg.get("eos_token"))
-    self.chat_template = cfg.get("chat_template")
-    self.special = {k: (v.get("content") if isinstance(v, dict) else v) for k, v in cfg.items()
-                    if k.endswith("_token") and isinstance(v, (str, dict))}
-
-  def encode(self, text: str) -> list[int]:
-    return self.tok.encode(text, add_special_tokens=False).ids
-
-  def apply_chat_template(self, messages, add_generation_prompt: bool = False) -> str:
-    if not self.chat_template:
-      raise ValueError(f"{self.folder}: tokenizer_config.json has no chat_template; 'messages' records "
-                       "need one ('prompt'/'response' records do not)")
-    return sft_data.render_chat_template(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
-                                     **self.special)
+FolderTokenizer = chat_data.load_tokenizer
+"""A Hugging Face tokenizer folder (or ``tokenizer.json`` file) as a
+:class:`lowrank_jax.data.sft.TextTokenizer`: :func:`lowrank_jax.data.chat.load_tokenizer`'s
+:class:`~lowrank_jax.data.chat.ChatTokenizer` (kept under its old name)."""
 
 
 def sft(config: RunConfig, keys: Keys) -> Problem:
@@ -264,11 +231,10 @@ def sft(config: RunConfig, keys: Keys) -> Problem:
   rows = {"train": load(d.train)}
   if d.eval is not None:
     rows["eval"] = load(d.eval)
-  for split, r in rows.items():
-    top = int(r.arrays["input_ids"].max())
-    if top >= dcfg.vocab_size:
-      raise ValueError(f"{config.name}: token id {top} in data.{split} is outside the model's "
-                       f"vocabulary of {dcfg.vocab_size}")
+  for split, r in rows.items():  # load_sft checked the ids against the tokenizer; these against the model
+    validate.check_token_ids(r.arrays["input_ids"], dcfg.vocab_size,
+                             what=f"{config.name}: data.{split} ({getattr(d, split)}) input_ids [row, token] "
+                                  f"for the model's vocab_size")
   def logits_fn(theta, batch, rng=None):
     return decoder.decoder_forward(theta, dcfg, batch["input_ids"], segment_ids=batch["segment_ids"],
                                    positions=batch["positions"], rng=rng, remat=m.remat)

@@ -1,6 +1,7 @@
 """SFT data (lowrank_jax.data.sft): the loss covers exactly the response / assistant tokens,
 packing keeps every example intact in its own segment (positions restart, targets never
-cross a boundary), greedy rows, truncation rules, errors naming file and line."""
+cross a boundary), greedy rows, truncation rules, errors naming file and line, token ids
+checked against the vocabulary (the tokenizer's, the model's) with file, line and position."""
 
 import json
 
@@ -9,7 +10,9 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from tokenizers import Tokenizer
 
-from lowrank_jax.data import sft
+from lowrank_jax import validate
+from lowrank_jax.data import chat, sft
+from lowrank_jax.trainer import config as run_config, tasks
 from tests.trainer.conftest import DATA
 
 
@@ -139,3 +142,98 @@ def test_the_committed_sft_files_load():
   records = [json.loads(l) for l in (DATA / "sft_train.jsonl").read_text().splitlines()]
   assert rows.examples == len(records) and rows.dropped == rows.truncated == 0
   assert rows.arrays["input_ids"].shape == (rows.rows, 64) and rows.rows < len(records)  # packed
+
+
+# ------------------------------------------------------------------ token ids are checked
+
+
+class SizedTokenizer(CharTokenizer):
+  """The character tokenizer with a vocabulary size and, optionally, a broken id for "Z"."""
+
+  def __init__(self, vocab_size, z_id=None, bos_id=None):
+    super().__init__()
+    self.vocab_size = vocab_size
+    self.z_id = z_id
+    if bos_id is not None:
+      self.bos_id = bos_id
+
+  def encode(self, text):
+    return [self.z_id if c == "Z" and self.z_id is not None else i
+            for c, i in zip(text, super().encode(text))] if self.z_id is not None else super().encode(text)
+
+
+def test_an_id_at_or_above_the_vocabulary_names_file_line_and_position(tmp_path):
+  path = tmp_path / "d.jsonl"
+  path.write_text('{"prompt": "ab", "response": "c"}\n{"prompt": "aZ", "response": "c"}\n')
+  vocab = TOK.tok.get_vocab_size()
+  rows = sft.load_sft(path, SizedTokenizer(vocab), 16)  # every id in range: loads
+  assert rows.examples == 2 and int(rows.arrays["input_ids"].max()) < vocab
+  # "aZ": [bos, a, Z, ...]: the bad id is the third token of the second record
+  with pytest.raises(validate.TokenIdError, match=rf"d.jsonl:2: token ids: token id {vocab} at position \(2,\) "
+                                                  rf"\(shape \(5,\)\) is outside the vocabulary \[0, {vocab}\)"):
+    sft.load_sft(path, SizedTokenizer(vocab, z_id=vocab), 16)
+  # a model vocabulary smaller than the tokenizer's (vocab_size=): the first record already fails
+  small = min(TOK.encode("a")[0], TOK.bos_id) + 1
+  with pytest.raises(validate.TokenIdError, match=rf"d.jsonl:1: token ids: token id \d+ at position \(\d+,\).*"
+                                                  rf"\[0, {small}\)"):
+    sft.load_sft(path, SizedTokenizer(vocab), 16, vocab_size=small)
+
+
+def test_negative_and_non_integer_ids_are_refused():
+  record = {"prompt": "aZ", "response": "c"}
+  with pytest.raises(validate.TokenIdError, match=r"rec: token ids: token id -1 at position \(0,\).*wrap around"):
+    sft.tokenize_record(record, SizedTokenizer(1000, bos_id=-1), "rec")
+  # without a vocabulary size negative ids still fail (the int32 range)
+  neg = SizedTokenizer(1000, z_id=-7)
+  del neg.vocab_size
+  with pytest.raises(validate.TokenIdError, match=r"rec: token ids \(no vocab_size known.*token id -7 at position \(2,\)"):
+    sft.tokenize_record(record, neg, "rec")
+  with pytest.raises(TypeError, match=r"rec: the tokenizer gave float 3.0 at token position 2, not an integer"):
+    sft.tokenize_record(record, SizedTokenizer(1000, z_id=3.0), "rec")
+  with pytest.raises(TypeError, match=r"rec: the tokenizer gave bool True at token position 2"):
+    sft.tokenize_record(record, SizedTokenizer(1000, z_id=True), "rec")
+
+
+def test_pretokenized_examples_are_checked_when_packed():
+  good = sft.Example(np.array([5, 6, 7], np.int32), np.array([False, True, True]), "mine:0")
+  bad = sft.Example(np.array([5, -2, 7], np.int32), np.array([False, True, True]), "mine:1")
+  assert sft.pack([good], 4).examples == 1
+  with pytest.raises(validate.TokenIdError, match=r"mine:1: token ids \(the int32 range\): token id -2 at position \(1,\)"):
+    sft.pack([good, bad], 4)
+  with pytest.raises(validate.TokenIdError, match=r"mine:0: token ids: token id 7 at position \(2,\).*\[0, 7\)"):
+    sft.pack([good], 4, vocab_size=7)
+  floats = sft.Example(np.array([5.0, 6.0]), np.array([False, True]), "mine:2")
+  with pytest.raises(TypeError, match=r"mine:2: token ids \(the int32 range\): token ids must be integers, got dtype float64"):
+    sft.pack([floats], 4)
+
+
+def test_a_conversation_opening_with_the_assistant_is_refused_naming_the_record():
+  with pytest.raises(ValueError, match=r"f.jsonl:4: messages\[0\] is an assistant turn"):
+    sft.tokenize_record({"messages": [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "x"}]},
+                        TOK, "f.jsonl:4")
+
+
+def test_the_folder_tokenizer_is_the_chat_module_and_matches_the_python_template():
+  folder = tasks.FolderTokenizer(str(DATA / "chat_tokenizer"))
+  assert isinstance(folder, chat.ChatTokenizer) and sft.render_chat_template is chat.render_chat_template
+  assert folder.vocab_size == TOK.tok.get_vocab_size(with_added_tokens=True)
+  for where, record in sft.read_jsonl(DATA / "sft_train.jsonl")[:6]:  # chat and prompt/response records
+    ours, ref = sft.tokenize_record(record, folder, where), sft.tokenize_record(record, TOK, where)
+    np.testing.assert_array_equal(ours.tokens, ref.tokens)
+    np.testing.assert_array_equal(ours.in_loss, ref.in_loss)
+    assert ours.in_loss.any()
+
+
+def test_sft_task_checks_the_ids_against_the_model_vocabulary(tmp_path):
+  vocab = 20  # the chat tokenizer's characters go up to ~103
+  raw = {"name": "sft_small_vocab", "task": "sft",
+         "model": {"kind": "decoder", "tokenizer": str(DATA / "chat_tokenizer"),
+                   "random": {"vocab_size": vocab, "hidden_size": 8, "intermediate_size": 16, "num_layers": 1,
+                              "num_heads": 2, "num_kv_heads": 1, "max_seq_len": 64}},
+         "data": {"train": str(DATA / "sft_train.jsonl"), "seq_len": 64},
+         "methods": [{"name": "lora", "where": "q_proj/kernel", "rank": 2}]}
+  config = run_config.from_dict(raw)
+  with pytest.raises(validate.TokenIdError,
+                     match=rf"sft_small_vocab: data.train \(.*sft_train.jsonl\) input_ids \[row, token\] for the "
+                           rf"model's vocab_size: token id \d+ at position \(0, \d+\).*\[0, {vocab}\)"):
+    tasks.sft(config, tasks.Keys.from_seed(0))
