@@ -67,6 +67,8 @@ __all__ = [
   "adapt",
   "adapt_with_bias",
   "chain",
+  "PerModule",
+  "per_module",
   "initialize",
   "merge",
   "unmerge",
@@ -130,12 +132,15 @@ class Reparam(NamedTuple):
     init_with_base: :class:`InitWithBaseFn`, ``(key, theta0) -> (theta0', phi)``.
     unmerge: :class:`UnmergeFn` ``(theta_merged, phi) -> theta0`` where the method can
       invert a merge, else ``None``.
-    config: what the reparametrization is, as data: the method's registry config (a
-      frozen ``lowrank_jax.methods.registry.MethodConfig``: method name, hyper-parameters,
-      ``where``, initialisation; ``registry.as_dict(config)`` is its JSON form) when built
-      by the registry (``registry.build``, ``build_from``, ``chain_from``) or imported
-      (``interop.peft.load_peft_adapter``); for a :func:`chain`, the tuple of its entries'
-      configs; ``None`` when nothing recorded it. Exports read it (e.g.
+    config: what the reparametrization is, as data: the method's config (a frozen
+      ``lowrank_jax.methods.registry.MethodConfig``: method name, hyper-parameters,
+      ``where``, initialisation), recorded by every method factory whether called
+      directly (``lj.lora(...)``) or through the registry (``registry.build``,
+      ``build_from``, ``chain_from``) or an import (``interop.peft.load_peft_adapter``);
+      for a :func:`chain`, the tuple of its entries' configs; for :func:`per_module` a
+      :class:`PerModule`; ``None`` when nothing recorded it (a reparam built by hand with
+      :func:`adapt`). ``registry.describe(reparam)`` is its JSON form and
+      ``registry.from_description`` the inverse. Exports read it (e.g.
       ``interop.peft.save_peft_adapter``) instead of being told the settings again.
   """
   init: InitFn
@@ -710,6 +715,48 @@ def chain(*reparams: Reparam) -> Reparam:
 
   return Reparam(init=init, apply=apply, init_with_base=init_with_base, unmerge=unmerge_fn,
                  config=tuple(r.config for r in reparams))
+
+
+class PerModule(NamedTuple):
+  """``Reparam.config`` of :func:`per_module`: the configs of its parts, in order (each
+  part's ``where`` is its mask)."""
+  parts: tuple
+
+
+def per_module(parts: list[tuple[PyTree, Reparam]]) -> Reparam:
+  """Per-leaf reparams over disjoint sets of leaves that share one ``phi`` mirror tree
+  (e.g. LoRA with another rank and alpha per module: peft's ``rank_pattern`` /
+  ``alpha_pattern``). ``parts`` are ``(mask, reparam)`` with each reparam built on its mask;
+  each part sees ``phi`` at its own leaves only (``None`` elsewhere)."""
+
+  def restrict(theta0, phi, mask):
+    treedef = jax.tree_util.tree_structure(theta0, is_leaf=lazy.is_lazy)
+    flags = jax.tree_util.tree_leaves(mask)
+    return jax.tree_util.tree_unflatten(treedef, [p if f else None for p, f in
+                                                  zip(treedef.flatten_up_to(phi), flags)])
+
+  def init(key, theta0):
+    phis = [r.init(jax.random.fold_in(key, i), theta0) for i, (_, r) in enumerate(parts)]
+    treedef = jax.tree_util.tree_structure(theta0, is_leaf=lazy.is_lazy)
+    flat = [treedef.flatten_up_to(p) for p in phis]
+    return jax.tree_util.tree_unflatten(treedef, [next((x for x in xs if x is not None), None)
+                                                  for xs in zip(*flat)])
+
+  def apply(theta0, phi, rng=None):
+    theta = theta0
+    for i, (mask, r) in enumerate(parts):
+      theta = r.apply(theta, restrict(theta0, phi, mask), None if rng is None else jax.random.fold_in(rng, i))
+    return theta
+
+  unmerge = None
+  if all(r.unmerge is not None for _, r in parts):
+    def unmerge(theta, phi):
+      for mask, r in reversed(parts):
+        theta = r.unmerge(theta, restrict(theta, phi, mask))
+      return theta
+
+  return Reparam(init=init, apply=apply, init_with_base=lambda key, theta0: (theta0, init(key, theta0)),
+                 unmerge=unmerge, config=PerModule(tuple(r.config for _, r in parts)))
 
 
 def initialize(reparam: Reparam, key: Key, theta0: PyTree) -> tuple[PyTree, PyTree]:

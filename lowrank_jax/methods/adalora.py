@@ -57,6 +57,7 @@ import optax
 import numpy as np
 
 from lowrank_jax import tree as tree_lib
+from lowrank_jax.methods._config import configured
 from lowrank_jax.methods.lora import LoRAWeight
 from lowrank_jax.reparam import LeafMethod, MatrixView, Reparam, adapt
 
@@ -126,6 +127,7 @@ def adalora_method(init_r: int = 12, alpha: Optional[float] = 8.0, *, dropout: f
                     unmerge_leaf=unmerge_leaf, validate=validate, in_ndim=in_ndim)
 
 
+@configured("adalora")
 def adalora(where: tree_lib.Where, init_r: int = 12, alpha: Optional[float] = 8.0, *,
             dropout: float = 0.0, init_std: float = 0.02, dtype=jnp.float32,
             in_ndim: Any = None) -> Reparam:

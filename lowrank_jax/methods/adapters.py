@@ -54,6 +54,7 @@ import jax
 import jax.numpy as jnp
 
 from lowrank_jax import tree as tree_lib
+from lowrank_jax.methods._config import configured
 from lowrank_jax.models import slots as slots_lib
 from lowrank_jax.reparam import LeafMethod, MatrixView, Reparam, adapt
 
@@ -196,6 +197,7 @@ def adapter_method(reduction_factor: Optional[float] = 16, bottleneck: Optional[
                     needs_matrix=False, insert=insert)
 
 
+@configured("bottleneck_adapters")
 def bottleneck_adapters(placement: Placement = "houlsby", *,
                         model: Optional[slots_lib.ModelSlots] = None,
                         reduction_factor: Optional[float] = 16,

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from lowrank_jax import lazy, tree as tree_lib
+from lowrank_jax.methods._config import configured
 from lowrank_jax.methods.lora import lora_method, lora_scale
 from lowrank_jax.reparam import LeafMethod, MatrixView, Reparam, adapt
 
@@ -141,6 +142,7 @@ def batched(method: LeafMethod, for_path: Optional[Callable[[str], LeafMethod]] 
                   inner=method, for_path=for_path)
 
 
+@configured("batched_lora")
 def batched_lora(where: tree_lib.Where, rank: int = 8, alpha: Optional[float] = None, *,
                  rslora: bool = False, init: Literal["kaiming", "gaussian", "zeros"] = "kaiming",
                  dtype=jnp.float32, rank_pattern: Optional[Mapping[str, int]] = None) -> Reparam:

@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from lowrank_jax import lazy, ops, tree as tree_lib
+from lowrank_jax.methods._config import configured
 from lowrank_jax.methods.lora import Init, LoRAWeight, lora_method, lora_scale
 from lowrank_jax.reparam import LeafMethod, MatrixView, Reparam, adapt
 
@@ -132,6 +133,7 @@ def dora_method(rank: int, alpha: Optional[float] = None, *, rslora: bool = Fals
                     validate=base.validate, in_ndim=in_ndim)
 
 
+@configured("dora")
 def dora(where: tree_lib.Where, rank: int = 8, alpha: Optional[float] = None, *,
          rslora: bool = False, init: Init = "kaiming", dropout: float = 0.0,
          dtype=jnp.float32, in_ndim: Any = None) -> Reparam:

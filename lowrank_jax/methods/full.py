@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from lowrank_jax import lazy, tree as tree_lib
+from lowrank_jax.methods._config import configured
 from lowrank_jax.reparam import LeafMethod, Reparam, adapt
 
 __all__ = ["full"]
@@ -22,6 +23,7 @@ def _apply_leaf(w, phi, view, rng):
   return phi["w"]
 
 
+@configured("full")
 def full(where: tree_lib.Where) -> Reparam:
   """Trains the selected leaves directly (``theta = phi``, ``phi`` initialised to ``theta0``)."""
   return adapt(LeafMethod(name="full", init_leaf=_init_leaf, apply_leaf=_apply_leaf,

@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lowrank_jax import lazy, tree as tree_lib
+from lowrank_jax.methods._config import configured
 from lowrank_jax.reparam import LeafMethod, MatrixView, Reparam, adapt_with_bias
 
 __all__ = ["LayerConfig", "CHOICES", "GLoRAWeight", "glora", "glora_subnet", "glora_layers",
@@ -308,6 +309,7 @@ def glora_subnet(phi_super, theta0, where: tree_lib.Where, config: ConfigSpec):
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
+@configured("glora")
 def glora(where: tree_lib.Where, rank: int = 8, *, config: ConfigSpec = LayerConfig(),
           supernet: bool = False, dtype=jnp.float32) -> Reparam:
   """GLoRA on the kernels ``where`` selects (their sibling ``bias`` leaves change too).

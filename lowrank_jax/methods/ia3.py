@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from lowrank_jax import lazy, tree as tree_lib
+from lowrank_jax.methods._config import configured
 from lowrank_jax.reparam import LeafMethod, MatrixView, Reparam, adapt_with_bias
 
 __all__ = ["IA3Weight", "ia3", "ia3_method"]
@@ -107,6 +108,7 @@ def _bias_unmerge(w0, b, phi, view):
   return (b.astype(jnp.float32) / phi["l_out"].reshape(b.shape)).astype(b.dtype)
 
 
+@configured("ia3")
 def ia3(where: tree_lib.Where, feedforward: tree_lib.Where = None, *,
         dtype=jnp.float32) -> Reparam:
   """IA3 on the kernels ``where`` selects.

@@ -54,6 +54,7 @@ import jax
 import jax.numpy as jnp
 
 from lowrank_jax import lazy, tree as tree_lib
+from lowrank_jax.methods._config import configured
 from lowrank_jax.methods.lora import init_factors, lora_scale
 from lowrank_jax.quant.affine import AffineQuant, affine_encode, code_dtype
 from lowrank_jax.quant.qlora import QuantizedWeight
@@ -188,6 +189,7 @@ class L4QWeight(lazy.BaseLazyWeight):
                        symmetric=self.symmetric, group_size=self.group_size)
 
 
+@configured("l4q")
 def l4q(where: tree_lib.Where, rank: int = 8, alpha: Optional[float] = None, *,
         group_size: int = 32, bits: int = 4, symmetric: bool = False,
         lsq_grad_scale: bool = False, log_scale: bool = True, integer_zero: bool = False,

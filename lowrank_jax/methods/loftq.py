@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from lowrank_jax import lazy, tree as tree_lib
+from lowrank_jax.methods._config import configured
 from lowrank_jax.methods.lora import lora_method, lora_scale
 from lowrank_jax.quant import codecs
 from lowrank_jax.quant.qlora import QuantizedWeight
@@ -63,6 +64,7 @@ def loftq_decompose(w: jax.Array, rank: int, num_iter: int = 1,
   return q, a / scale, b
 
 
+@configured("loftq")
 def loftq(where: tree_lib.Where, rank: int = 8, alpha: Optional[float] = None, *,
           num_iter: int = 1, codec: str = "nf4", block_size: int = 64,
           double_quant: bool = False, compute_dtype=None, rslora: bool = False,

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from lowrank_jax import lazy, tree as tree_lib
+from lowrank_jax.methods._config import configured
 from lowrank_jax.reparam import LeafMethod, MatrixView, Reparam, adapt
 
 __all__ = ["LoHaWeight", "loha", "loha_method", "khatri_rao_factors"]
@@ -97,6 +98,7 @@ def loha_method(rank: int = 8, alpha: Optional[float] = None, *, dtype=jnp.float
                     unmerge_leaf=unmerge_leaf)
 
 
+@configured("loha")
 def loha(where: tree_lib.Where, rank: int = 8, alpha: Optional[float] = None, *,
          dtype=jnp.float32) -> Reparam:
   """LoHa on the 2-d leaves ``where`` selects: ``W = W0 + (alpha/r) (B1 A1) ⊙ (B2 A2)``.

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from lowrank_jax import lazy, tree as tree_lib
+from lowrank_jax.methods._config import configured
 from lowrank_jax.reparam import LeafMethod, MatrixView, Reparam, adapt
 
 __all__ = ["KronWeight", "factorization", "lokr", "lokr_method", "lokr_shapes"]
@@ -166,6 +167,7 @@ def lokr_method(rank: int = 8, alpha: Optional[float] = None, *, decompose_both:
                     unmerge_leaf=unmerge_leaf)
 
 
+@configured("lokr")
 def lokr(where: tree_lib.Where, rank: int = 8, alpha: Optional[float] = None, *,
          decompose_both: bool = False, decompose_factor: int = -1,
          init: Literal["peft", "lycoris", "random"] = "peft", dtype=jnp.float32) -> Reparam:

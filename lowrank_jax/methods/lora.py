@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from lowrank_jax import lazy, tree as tree_lib
 from lowrank_jax.methods import full
+from lowrank_jax.methods._config import configured
 from lowrank_jax.reparam import LeafMethod, MatrixView, Reparam, adapt, chain
 
 __all__ = ["LoRAWeight", "lora", "lora_scale", "lora_method"]
@@ -130,6 +131,7 @@ def lora_method(rank: int, alpha: Optional[float] = None, *, rslora: bool = Fals
                     validate=validate, in_ndim=in_ndim)
 
 
+@configured("lora")
 def lora(where: tree_lib.Where, rank: int = 8, alpha: Optional[float] = None, *,
          rslora: bool = False, init: Init = "kaiming", dropout: float = 0.0,
          bias: Literal["none", "all", "lora_only"] = "none", dtype=jnp.float32,

@@ -53,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lowrank_jax import tree as tree_lib
+from lowrank_jax.methods._config import configured
 from lowrank_jax.models import slots as slots_lib
 from lowrank_jax.reparam import LeafMethod, MatrixView, Reparam, adapt
 
@@ -316,6 +317,7 @@ def prefix_tuning(num_layers: Optional[int] = None, num_prefix: Optional[int] = 
                       unmerge=inner.unmerge)
 
 
+@configured("prefix_tuning")
 def prefix_reparam(num_prefix: int, *, reparam_mlp: Optional[int] = None,
                    embed_dim: Optional[int] = None, at: Optional[str] = "bert", init_std: float = 1.0,
                    dtype=jnp.float32, model: Optional[slots_lib.ModelSlots] = None) -> PrefixTuning:

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from lowrank_jax import lazy, tree as tree_lib
+from lowrank_jax.methods._config import configured
 from lowrank_jax.methods.lora import lora_scale
 from lowrank_jax.quant.affine import AffineQuant, affine_encode
 from lowrank_jax.quant.qlora import QuantizedWeight
@@ -72,6 +73,7 @@ class QALoRAWeight(lazy.WrappingLazyWeight):
     return QuantizedWeight(q=new, compute_dtype=self.base.compute_dtype)
 
 
+@configured("qalora")
 def qalora(where: tree_lib.Where, rank: int = 8, alpha: Optional[float] = None, *,
            group_size: int = 32, bits: int = 4, symmetric: bool = False,
            compute_dtype=None, dtype=jnp.float32) -> Reparam:

@@ -8,13 +8,14 @@ the benchmark, the README's method table and the tests read.
     r = registry.chain_from([{"name": "lora", "where": "(query|value)/kernel", "rank": 8},
                              {"name": "full", "where": "^head/"}])
 
-Each method's ``config_cls`` is a frozen dataclass derived from its factory's signature
-(the parameter names, defaults and annotations, ``where`` included), so that it cannot
-drift from the factory. It validates on construction: an unknown key is an error listing
-the valid keys with the closest match, a missing required key an error naming it, a value
-of the wrong type an error naming the key and the expected type (all :class:`ConfigError`).
-JSON values are converted where the type asks for it: lists to tuples, ints to floats,
-dtype names to dtypes, GLoRA's ``[A, B, C, D, E]`` lists to its ``LayerConfig``.
+Each method's ``config_cls`` is its factory's (``factory.config_cls``): a frozen dataclass
+derived from the factory's signature by :func:`lowrank_jax.methods._config.configured`, the
+one config type, recorded as ``Reparam.config`` whether the factory is called directly
+(``lj.lora(...)``) or built here. It validates on construction: an unknown key is an error
+listing the valid keys with the closest match, a missing required key an error naming it, a
+value of the wrong type an error naming the key and the expected type (all
+:class:`ConfigError`). JSON values are converted where the type asks for it: lists to tuples,
+ints to floats, dtype names to dtypes, GLoRA's ``[A, B, C, D, E]`` lists to its ``LayerConfig``.
 
 Codecs (``lowrank_jax.quant``) and optimizers (``lowrank_jax.optim``) are not methods:
 they have their own registries.
@@ -22,20 +23,13 @@ they have their own registries.
 
 from __future__ import annotations
 
-import collections.abc
 import dataclasses
-import difflib
-import functools
-import inspect
-import re
-import typing
-from typing import Any, Callable, ClassVar, Iterable, Literal, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Sequence, Union
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from lowrank_jax import tree as tree_lib
+from lowrank_jax.methods._config import ConfigError, DType, MethodConfig, WhereSpec, _did_you_mean
 from lowrank_jax.methods.adalora import adalora
 from lowrank_jax.methods.adapters import bottleneck_adapters
 from lowrank_jax.methods.batched import batched_lora
@@ -52,221 +46,10 @@ from lowrank_jax.methods.prefix import prefix_reparam
 from lowrank_jax.methods.qalora import qalora
 from lowrank_jax.methods.said import intrinsic_said
 from lowrank_jax.methods.vera import vera
-from lowrank_jax.reparam import Reparam, chain
+from lowrank_jax.reparam import PerModule, Reparam, chain, per_module
 
 __all__ = ["ConfigError", "MethodConfig", "MethodSpec", "METHODS", "get", "build", "parse",
-           "build_from", "chain_from", "as_dict", "markdown_table"]
-
-
-class ConfigError(ValueError):
-  """A method name or configuration that does not match the registry."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Types of the config fields: the factories' annotations, plus two that annotations do not say.
-
-
-class DType:
-  """Field type of a dtype parameter: a dtype or its name (``"bfloat16"``), stored as a
-  ``numpy.dtype``."""
-
-
-class WhereSpec:
-  """Field type of a leaf selection (:data:`lowrank_jax.tree.Where`): a regex, a sequence of
-  regexes, a predicate ``(path, leaf) -> bool``, a :class:`~lowrank_jax.tree.Siblings`, a mask
-  mapping or ``None`` (every leaf)."""
-
-
-def _type_name(tp) -> str:
-  """``tp`` in words, for error messages."""
-  if tp is Any:
-    return "anything"
-  if tp is jax.Array:
-    return "jax.Array"
-  if tp is DType:
-    return "a dtype or dtype name"
-  if tp is WhereSpec:
-    return "a regex, a list of regexes, a predicate (path, leaf) -> bool, Siblings, a mask or None"
-  origin, args = typing.get_origin(tp), typing.get_args(tp)
-  if origin is Union:
-    return " or ".join("None" if a is type(None) else _type_name(a) for a in args)
-  if origin is Literal:
-    return "one of " + ", ".join(repr(a) for a in args)
-  if origin in (collections.abc.Callable,):
-    return "a callable"
-  if origin is not None:
-    inner = ", ".join("..." if a is Ellipsis else _type_name(a) for a in args)
-    return f"{getattr(origin, '__name__', str(origin))}[{inner}]"
-  return getattr(tp, "__name__", str(tp))
-
-
-class _Mismatch(Exception):
-  pass
-
-
-def _conform(value, tp):
-  """``value`` checked against ``tp`` and converted where JSON cannot say it (list -> tuple,
-  int -> float, dtype name -> dtype, list -> NamedTuple). Raises :class:`_Mismatch`."""
-  if tp is Any:
-    return value
-  if tp is DType:
-    if value is None or isinstance(value, bool):
-      raise _Mismatch
-    try:
-      return jnp.dtype(value)
-    except TypeError as e:
-      raise _Mismatch from e
-  if tp is WhereSpec:
-    if value is None or callable(value) or isinstance(value, (tree_lib.Siblings, Mapping)):
-      return value
-    if isinstance(value, str):
-      _regex(value)
-      return value
-    if isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value):
-      for v in value:
-        _regex(v)
-      return tuple(value)
-    raise _Mismatch
-  origin, args = typing.get_origin(tp), typing.get_args(tp)
-  if origin is Union:
-    for a in args:
-      try:
-        return _conform(value, a)
-      except _Mismatch:
-        pass
-    raise _Mismatch
-  if origin is Literal:
-    if any(value == a and type(value) is type(a) for a in args):
-      return value
-    raise _Mismatch
-  if tp is type(None):
-    if value is None:
-      return value
-    raise _Mismatch
-  if tp is bool:
-    if isinstance(value, (bool, np.bool_)):
-      return bool(value)
-    raise _Mismatch
-  if tp is int:
-    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
-      return int(value)
-    raise _Mismatch
-  if tp is float:
-    if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_)):
-      return float(value)
-    raise _Mismatch
-  if tp is str:
-    if isinstance(value, str):
-      return value
-    raise _Mismatch
-  if origin is collections.abc.Callable or tp is Callable:
-    if callable(value):
-      return value
-    raise _Mismatch
-  if isinstance(tp, type) and issubclass(tp, tuple) and hasattr(tp, "_fields"):  # NamedTuple
-    if isinstance(value, tp):
-      return value
-    if isinstance(value, (list, tuple)) and len(value) == len(tp._fields):
-      return tp(*value)
-    raise _Mismatch
-  if origin in (collections.abc.Mapping, dict):
-    if not isinstance(value, Mapping):
-      raise _Mismatch
-    kt, vt = args or (Any, Any)
-    return {_conform(k, kt): _conform(v, vt) for k, v in value.items()}
-  if origin in (collections.abc.Sequence, list, tuple):
-    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
-      raise _Mismatch
-    if origin is tuple and args and args[-1] is not Ellipsis:
-      if len(value) != len(args):
-        raise _Mismatch
-      return tuple(_conform(v, a) for v, a in zip(value, args))
-    elt = args[0] if args else Any
-    return tuple(_conform(v, elt) for v in value)
-  if isinstance(tp, type):
-    if isinstance(value, tp):
-      return value
-    raise _Mismatch
-  raise TypeError(f"registry: cannot check values against the type {tp!r}")
-
-
-def _regex(s: str) -> None:
-  try:
-    re.compile(s)
-  except re.error as e:
-    raise _Mismatch(f"invalid regex {s!r}: {e}") from e
-
-
-def _did_you_mean(key: str, valid: Iterable[str]) -> str:
-  close = difflib.get_close_matches(key, list(valid), n=1)
-  return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-# ---------------------------------------------------------------------------------------------
-# Config classes
-
-
-@dataclasses.dataclass(frozen=True)
-class MethodConfig:
-  """Base of every method's config class; ``method_name`` is its registry name."""
-  method_name: ClassVar[str] = ""
-
-  def __post_init__(self):
-    for f in dataclasses.fields(self):
-      value = getattr(self, f.name)
-      try:
-        object.__setattr__(self, f.name, _conform(value, f.type))
-      except _Mismatch as e:
-        why = f" ({e})" if str(e) else ""
-        raise ConfigError(f"{self.method_name}: parameter {f.name!r} must be {_type_name(f.type)}, "
-                          f"got {type(value).__name__} {value!r}{why}") from None
-
-
-def _field_type(factory: Callable, name: str, param: inspect.Parameter, hints: Mapping[str, Any]):
-  tp = hints.get(name, inspect.Parameter.empty)
-  if tp == tree_lib.Where:
-    return WhereSpec
-  if tp is inspect.Parameter.empty:  # the factories leave only dtype arguments unannotated
-    if not name.endswith("dtype"):
-      raise TypeError(f"registry: {factory.__name__}({name}=...) has no type annotation")
-    return Optional[DType] if param.default is None else DType
-  return tp
-
-
-def _config_class(name: str, factory: Callable) -> type:
-  """The frozen dataclass of ``factory``'s parameters (keyword-only, the factory's defaults).
-  Its ``__init__`` checks the keys first: unknown ones with a did-you-mean, missing ones."""
-  hints = typing.get_type_hints(factory)
-  fields, required = [], []
-  for pname, p in inspect.signature(factory).parameters.items():
-    if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-      raise TypeError(f"registry: {factory.__name__} takes *{pname}; a config needs named parameters")
-    tp = _field_type(factory, pname, p, hints)
-    if p.default is p.empty:
-      fields.append((pname, tp))
-      required.append(pname)
-    else:
-      fields.append((pname, tp, dataclasses.field(default=p.default)))
-  cls_name = "".join(part.capitalize() for part in name.split("_")) + "Config"
-  cls = dataclasses.make_dataclass(cls_name, fields, bases=(MethodConfig,), frozen=True, kw_only=True,
-                                   namespace={"method_name": name, "__module__": __name__})
-  cls.__doc__ = f"Hyper-parameters of ``{factory.__name__}`` (registry name ``{name!r}``)."
-  names = [f[0] for f in fields]
-  dataclass_init = cls.__init__
-
-  @functools.wraps(dataclass_init)
-  def __init__(self, **params):
-    for key in params:
-      if key not in names:
-        raise ConfigError(f"{name}: unknown parameter {key!r}{_did_you_mean(key, names)}; "
-                          f"valid parameters: {', '.join(names)}")
-    missing = [k for k in required if k not in params]
-    if missing:
-      raise ConfigError(f"{name}: missing required parameter(s) {', '.join(map(repr, missing))}")
-    dataclass_init(self, **params)
-
-  cls.__init__ = __init__
-  return cls
+           "build_from", "chain_from", "as_dict", "describe", "from_description", "markdown_table"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,7 +86,10 @@ class MethodSpec:
 
 def _spec(name: str, factory: Callable[..., Reparam], *, title: str, paper: tuple[str, ...] = (),
           reference: str, lazy_matmul: str = "", test_file: str, extras: tuple[str, ...] = ()) -> MethodSpec:
-  return MethodSpec(name=name, factory=factory, config_cls=_config_class(name, factory),
+  config_cls = getattr(factory, "config_cls", None)
+  if config_cls is None or config_cls.method_name != name:
+    raise TypeError(f"registry: {factory.__name__} must be decorated with @configured({name!r})")
+  return MethodSpec(name=name, factory=factory, config_cls=config_cls,
                     call=f"lj.{factory.__name__}", paper=paper, reference=reference,
                     lazy_matmul=lazy_matmul, test_file=test_file, title=title, extras=extras)
 
@@ -397,8 +183,7 @@ def build_from(config: MethodConfig) -> Reparam:
   spec = _BY_CONFIG.get(type(config))
   if spec is None:
     raise ConfigError(f"build_from expects a registry method config, got {type(config).__name__}")
-  reparam = spec.factory(**{f.name: getattr(config, f.name) for f in dataclasses.fields(config)})
-  return reparam._replace(config=config)  # the reparam carries its own config (Reparam.config)
+  return spec.factory(**config.as_kwargs()).with_config(config)  # this very config object
 
 
 def build(name: str, **params) -> Reparam:
@@ -406,26 +191,60 @@ def build(name: str, **params) -> Reparam:
   return build_from(parse(name, params))
 
 
-def chain_from(items: Sequence[Union[Mapping[str, Any], MethodConfig]]) -> Reparam:
+def chain_from(items: Sequence[Any]) -> Reparam:
   """The :func:`~lowrank_jax.chain` of several methods, each ``{"name": NAME, **params}``
-  or a config instance, in order."""
+  or a config instance (or anything :func:`from_description` takes: a nested list is a
+  chain inside the chain, ``{"per_module": [...]}`` a :func:`~lowrank_jax.reparam.per_module`),
+  in order."""
   if isinstance(items, (str, bytes, Mapping)) or not isinstance(items, Sequence) or not items:
     raise ConfigError(f"chain_from expects a non-empty list of methods, got {items!r}")
   reparams = []
   for i, item in enumerate(items):
-    if isinstance(item, MethodConfig):
-      reparams.append(build_from(item))
-      continue
-    if not isinstance(item, Mapping) or "name" not in item:
+    if not isinstance(item, (MethodConfig, Mapping, list, tuple)) or (
+        isinstance(item, Mapping) and "name" not in item and "per_module" not in item):
       raise ConfigError(f"chain_from: item {i} must be a config or a mapping with a 'name' key, got {item!r}")
-    params = dict(item)
-    reparams.append(build_from(parse(params.pop("name"), params)))
+    reparams.append(from_description(item))
   return chain(*reparams)
+
+
+def from_description(data: Any) -> Reparam:
+  """The :class:`Reparam` that :func:`describe` described: the inverse of :func:`describe`
+  (``from_description(describe(r)).config == r.config``) for a method config or its
+  ``{"name": NAME, **params}`` dict (:func:`build_from` / :func:`parse`), a list (a
+  :func:`~lowrank_jax.chain` of its entries, :func:`chain_from`) or ``{"per_module": [...]}``
+  (a :func:`~lowrank_jax.reparam.per_module` whose parts' ``where`` are their masks).
+
+  Raises:
+    ConfigError: data that describes no method (the message names the item).
+  """
+  if isinstance(data, MethodConfig):
+    return build_from(data)
+  if isinstance(data, (list, tuple)):
+    return chain_from(data)
+  if isinstance(data, Mapping) and set(data) == {"per_module"}:
+    parts = data["per_module"]
+    if isinstance(parts, (str, bytes, Mapping)) or not isinstance(parts, Sequence) or not parts:
+      raise ConfigError(f"per_module: expects a non-empty list of method configs, got {parts!r}")
+    configs = [p if isinstance(p, MethodConfig) else _parse_item(p, f"per_module part {i}")
+               for i, p in enumerate(parts)]
+    return per_module([(c.where, build_from(c)) for c in configs])
+  if isinstance(data, Mapping):
+    return build_from(_parse_item(data, "from_description"))
+  raise ConfigError(f"from_description: expects a method config, a {{'name': ...}} mapping, a list "
+                    f"(chain) or {{'per_module': [...]}}, got {type(data).__name__} {data!r}")
+
+
+def _parse_item(item: Any, what: str) -> MethodConfig:
+  if not isinstance(item, Mapping) or "name" not in item:
+    raise ConfigError(f"{what}: must be a config or a mapping with a 'name' key, got {item!r}")
+  params = dict(item)
+  return parse(params.pop("name"), params)
 
 
 def as_dict(config: MethodConfig) -> dict[str, Any]:
   """``{"name": NAME, **params}`` with dtypes as their names: the inverse of
-  :func:`chain_from`'s items and of :func:`parse` (for JSON-able parameters)."""
+  :func:`chain_from`'s items and of :func:`parse` (for JSON-able parameters; :func:`describe`
+  checks that they are, and takes chains too)."""
   out = {"name": config.method_name}
   for f in dataclasses.fields(config):
     v = getattr(config, f.name)
@@ -435,6 +254,61 @@ def as_dict(config: MethodConfig) -> dict[str, Any]:
       v = list(v)
     out[f.name] = v
   return out
+
+
+def describe(reparam: Any) -> Any:
+  """A reparam's config (``Reparam.config``; or the config itself) as JSON data.
+
+  A method config is ``{"name": NAME, **params}`` (:func:`as_dict`), a :func:`~lowrank_jax.chain`
+  the list of its entries' descriptions, a :class:`~lowrank_jax.reparam.PerModule`
+  (``interop.peft.load_peft_adapter``'s rank/alpha patterns) ``{"per_module": [...]}``;
+  values are JSON types only (dtypes by name, tuples as lists, masks as nested dicts of
+  bools). :func:`from_description` is the inverse.
+
+  Raises:
+    ConfigError: nothing recorded (``config`` is ``None``), or a value that is not data
+      (a callable ``where``, an array such as VeRA's ``key``, a ``ModelSlots``), named by
+      its place and parameter.
+  """
+  return _describe(reparam.config if isinstance(reparam, Reparam) else reparam, "config")
+
+
+def _describe(cfg: Any, at: str) -> Any:
+  if cfg is None:
+    raise ConfigError(f"{at}: no config recorded (a Reparam built by hand, e.g. with adapt(); the "
+                      f"method factories and the registry record theirs)")
+  if isinstance(cfg, PerModule):
+    return {"per_module": [_describe(c, f"{at}.parts[{i}]") for i, c in enumerate(cfg.parts)]}
+  if isinstance(cfg, MethodConfig):
+    return {k: _json(v, f"{at} ({cfg.method_name}): parameter {k!r}") for k, v in as_dict(cfg).items()}
+  if isinstance(cfg, tuple):
+    return [_describe(c, f"{at}[{i}]") for i, c in enumerate(cfg)]
+  raise ConfigError(f"{at}: {type(cfg).__name__} is not a method config")
+
+
+def _json(v: Any, at: str) -> Any:
+  """``v`` as JSON types, else a :class:`ConfigError` naming ``at``."""
+  if v is None or isinstance(v, (bool, str)):
+    return v
+  if isinstance(v, (np.bool_, np.integer, np.floating)):
+    return v.item()
+  if isinstance(v, (int, float)):
+    return v
+  if isinstance(v, (np.ndarray, jax.Array)) and v.shape == () and v.dtype == np.bool_:
+    return bool(v)  # a mask's leaf
+  if isinstance(v, np.dtype):
+    return v.name
+  if isinstance(v, Mapping):
+    bad = [k for k in v if not isinstance(k, str)]
+    if bad:
+      raise ConfigError(f"{at}: mapping keys must be strings to be JSON data, got {bad[0]!r}")
+    return {k: _json(x, f"{at}[{k!r}]") for k, x in v.items()}
+  if isinstance(v, (list, tuple)):
+    return [_json(x, f"{at}[{i}]") for i, x in enumerate(v)]
+  if callable(v):
+    raise ConfigError(f"{at} is a callable ({v!r}): code is not JSON data; give a regex, a list of "
+                      f"regexes or a boolean mask to describe it")
+  raise ConfigError(f"{at}: a {type(v).__name__} is not JSON data")
 
 
 def markdown_table() -> str:

@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lowrank_jax import lazy, tree as tree_lib
+from lowrank_jax.methods._config import configured
 from lowrank_jax.reparam import LeafMethod, Reparam, adapt
 
 __all__ = ["fwht", "FastfoodParams", "fastfood_params", "fastfood", "intrinsic_said", "said_method"]
@@ -251,6 +252,7 @@ def said_method(d: int, *, said: bool = True, seed: int = 0, dtype=jnp.float32) 
                     prepare=prepare)
 
 
+@configured("intrinsic_said")
 def intrinsic_said(d: int, where: tree_lib.Where = None, *, said: bool = True, seed: int = 0,
                    dtype=jnp.float32) -> Reparam:
   """Intrinsic-dimension fine-tuning of the selected leaves (whole-tree reparam).

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from lowrank_jax import tree as tree_lib
+from lowrank_jax.methods._config import configured
 from lowrank_jax.methods.lora import LoRAWeight
 from lowrank_jax.reparam import LeafMethod, MatrixView, Reparam, adapt
 
@@ -103,6 +104,7 @@ def vera_method(a: Optional[jax.Array] = None, b: Optional[jax.Array] = None, *,
                     unmerge_leaf=unmerge_leaf, validate=validate, prepare=prepare)
 
 
+@configured("vera")
 def vera(where: tree_lib.Where, rank: int = 256, *, key: Optional[jax.Array] = None,
          projections: Optional[tuple[Any, Any]] = None, d_initial: float = 0.1,
          dropout: float = 0.0, dtype=jnp.float32) -> Reparam:
