@@ -80,6 +80,7 @@ from typing import Any, Callable, Literal, Mapping, Optional, Sequence, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lowrank_jax import lazy, tree as tree_lib
@@ -91,7 +92,7 @@ Rules = Sequence[tuple[str, P]]
 Axis = Optional[str]
 OnIndivisible = Literal["error", "replicate"]
 
-__all__ = ["make_mesh", "parse_mesh_spec", "partition_specs", "fsdp_specs", "phi_specs", "shard",
+__all__ = ["make_mesh", "parse_mesh_spec", "parse_dcn_spec", "partition_specs", "fsdp_specs", "phi_specs", "shard",
            "like", "replicated", "decoder_sharding_rules", "bert_sharding_rules",
            "family_rules", "named_shardings", "shape_structs",
            "leaf_shardings", "jit_train_step", "gather_at_use", "GatherAtUse"]
@@ -125,7 +126,8 @@ def parse_mesh_spec(spec: str, num_devices: int) -> tuple[tuple[str, ...], tuple
   return tuple(names), tuple(sizes)
 
 
-def make_mesh(spec: str, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+def make_mesh(spec: str, devices: Optional[Sequence[jax.Device]] = None, *,
+              dcn: Optional[str] = None) -> Mesh:
   """A mesh from ``"name:size,name:size"``; one size may be ``-1`` (the rest of the devices).
 
   The devices are ordered by ``jax.make_mesh`` (the physical topology on TPU and GPU:
@@ -133,15 +135,26 @@ def make_mesh(spec: str, devices: Optional[Sequence[jax.Device]] = None) -> Mesh
   shape the topology does not fit) they are taken in ``devices`` order. Axes are
   ``AxisType.Auto`` (GSPMD propagation), as ``jax.sharding.Mesh`` makes them.
 
+  Multislice / hybrid meshes (``dcn``): ``spec`` is the whole mesh and ``dcn`` says how
+  many ways each axis spans the slow network between slices (TPU multislice, or hosts over
+  a data-center network): e.g. ``spec="data:4,fsdp:4,tensor:2", dcn="data:2"`` puts
+  ``data`` 2 ways within each slice and 2 ways across the 2 slices, every other axis
+  within a slice. Built by ``jax.experimental.mesh_utils.create_hybrid_device_mesh``;
+  where the devices are not in several slices (no or one ``slice_index``: GPU clusters,
+  CPU) each process is a slice (``process_is_granule=True``).
+
   Args:
     spec: e.g. ``"data:2,model:4"``, ``"data:2,fsdp:2,tensor:2"`` or ``"fsdp:-1"``.
     devices: defaults to ``jax.devices()`` (every process's devices); a mesh smaller
-      than the list takes its first devices.
+      than the list takes its first devices (without ``dcn``).
+    dcn: ``"name:size,..."`` over axes of ``spec`` (the others: 1); ``None``: one slice.
   """
   devices = list(jax.devices() if devices is None else devices)
   names, sizes = parse_mesh_spec(spec, len(devices))
-  chosen = devices[:int(np.prod(sizes))]
   auto = (jax.sharding.AxisType.Auto,) * len(names)
+  if dcn is not None:
+    return Mesh(_hybrid_devices(spec, names, sizes, dcn, devices), names, axis_types=auto)
+  chosen = devices[:int(np.prod(sizes))]
   try:
     return jax.make_mesh(sizes, names, axis_types=auto, devices=chosen)
   except (ValueError, NotImplementedError, AssertionError) as e:
@@ -149,6 +162,39 @@ def make_mesh(spec: str, devices: Optional[Sequence[jax.Device]] = None) -> Mesh
       warnings.warn(f"make_mesh({spec!r}): jax.make_mesh could not follow the device topology "
                     f"({e}); using the device order as given", RuntimeWarning, stacklevel=2)
     return Mesh(np.asarray(chosen).reshape(sizes), names, axis_types=auto)
+
+
+def parse_dcn_spec(dcn: str, names: Sequence[str], sizes: Sequence[int], spec: str = "") -> tuple[int, ...]:
+  """The DCN size of every axis of a mesh (``names``/``sizes``) from ``"name:size,..."``
+  (axes not named: 1); each must divide its axis's size."""
+  dn, ds = parse_mesh_spec(dcn, int(np.prod(sizes)))
+  out = dict.fromkeys(names, 1)
+  for n, d in zip(dn, ds):
+    if n not in out:
+      raise ValueError(f"dcn {dcn!r} names axis {n!r}, which the mesh {spec!r} does not have "
+                       f"(axes {', '.join(names)})")
+    if sizes[list(names).index(n)] % d:
+      raise ValueError(f"dcn {dcn!r}: axis {n!r} of size {sizes[list(names).index(n)]} in the mesh "
+                       f"{spec!r} is not divisible by {d}")
+    out[n] = d
+  return tuple(out[n] for n in names)
+
+
+def _hybrid_devices(spec: str, names, sizes, dcn: str, devices) -> np.ndarray:
+  dcn_shape = parse_dcn_spec(dcn, names, sizes, spec)
+  ici_shape = tuple(s // d for s, d in zip(sizes, dcn_shape))
+  if int(np.prod(sizes)) != len(devices):
+    raise ValueError(f"mesh {spec!r} with dcn {dcn!r} must use every one of the {len(devices)} devices "
+                     f"(it has {int(np.prod(sizes))})")
+  by_process = len({getattr(d, "slice_index", None) for d in devices}) == 1  # no slices to go by
+  try:
+    return mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices,
+                                                process_is_granule=by_process,
+                                                allow_split_physical_axes=True)
+  except ValueError as e:
+    unit = "processes" if by_process else "slices"
+    raise ValueError(f"mesh {spec!r} with dcn {dcn!r}: {int(np.prod(dcn_shape))} {unit} of "
+                     f"{int(np.prod(ici_shape))} devices each expected ({e})") from e
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -160,18 +160,61 @@ def _worker(port: int, pid: int, folder: str) -> None:
            for k, x in [("a", r.phi["w"]["a"]), ("v", r.phi["v"])]}
   ok = all(np.array_equal(np.asarray(s.data), _phi(2.0)["w"]["a"][s.index])
            for s in r.phi["w"]["a"].addressable_shards)
-  leftovers = sorted(os.listdir(folder))
+  leftovers = sorted(n for n in os.listdir(folder) if n != "bert")
   print(json.dumps({"pid": jax.process_index(), "rows": [rows.start, rows.stop], "total": total,
                     "step": r.step, "metadata": r.metadata, "shards_ok": ok, "leftovers": leftovers,
-                    "n_local": len(local["a"]), "shard_err": shard_err}))
+                    "n_local": len(local["a"]), "shard_err": shard_err, **_hosts_checks(folder)}))
   jax.distributed.shutdown()
+
+
+def _hosts_checks(folder: str) -> dict:
+  """A hybrid (multislice) mesh, the base's fingerprint and a sliced BERT load in two processes."""
+  from lowrank_jax.models import bert
+  from lowrank_jax.trainer import base as base_lib
+  from lowrank_jax.trainer.config import MeshConfig
+  from lowrank_jax.trainer.placement import Placement, load_bert
+  # data spans the two processes (each process is a slice: CPU devices have no slice_index)
+  hybrid = sharding.make_mesh("data:2,fsdp:2,tensor:2", dcn="data:2")
+  x = jax.make_array_from_callback((8, 4), NamedSharding(hybrid, P(("data", "fsdp"), "tensor")),
+                                   lambda idx: np.arange(32.0, dtype=np.float32).reshape(8, 4)[idx])
+  # the base's fingerprint: process 0 reads the files, the others get it broadcast
+  bert_dir = os.path.join(folder, "bert")
+  digest, hash_read = base_lib.shared_folder_hash(bert_dir)
+  # a BERT base on fsdp:4 (across the processes) x tensor:2: each process reads its slices
+  placement = Placement.from_config(MeshConfig(mesh="fsdp:4,tensor:2"), "bert")
+  _, sliced, report = load_bert(bert_dir, np.float32, placement)
+  whole = bert.load_bert(bert_dir)[1]
+  diff = max(float(np.max(np.abs(a - np.asarray(b)))) for a, b in
+             zip(jax.tree.leaves(placement.to_host(sliced)), jax.tree.leaves(whole)))
+  across = sum(np.asarray(w).nbytes // (2 if any(e is not None and "fsdp" in (e if isinstance(e, tuple) else (e,))
+                                                for e in s.sharding.spec) else 1)
+               for s, w in zip(jax.tree.leaves(sliced), jax.tree.leaves(whole)))
+  return {"hybrid_processes": [[d.process_index for d in row.flat] for row in hybrid.devices],
+          "hybrid_sum": float(jax.jit(jnp.sum)(x)), "digest": digest, "hash_read": hash_read,
+          "bert_read": report.bytes_read, "bert_total": report.bytes_total, "bert_share": across,
+          "bert_diff": diff}
 
 
 @needs_8
 @pytest.mark.slow
 def test_two_processes_data_and_checkpoint_overwrite(tmp_path):
   from lowrank_jax import checkpoint
+  from lowrank_jax.trainer import base as base_lib
+  from tests.trainer.test_base_load import save_tiny_bert
+  save_tiny_bert(tmp_path / "bert")
   res = _run_workers(tmp_path)
+  # a hybrid mesh (dcn data:2): each data index is one process's 4 devices
+  assert all(r["hybrid_processes"] == [[0] * 4, [1] * 4] for r in res)
+  assert all(r["hybrid_sum"] == float(np.arange(32.0).sum()) for r in res)
+  # the fingerprint: read by process 0 alone, the same on both
+  size = sum(os.path.getsize(tmp_path / "bert" / n) for n in ("config.json", "model.safetensors"))
+  assert [r["hash_read"] for r in res] == [size, 0]
+  assert all(r["digest"] == base_lib.folder_hash(tmp_path / "bert") for r in res)
+  # the sliced BERT load: equal to the whole load, each process read its share (half of the
+  # fsdp-split leaves, the rest whole), not the whole model
+  for r in res:
+    assert r["bert_diff"] == 0.0 and r["bert_read"] == r["bert_share"] < r["bert_total"]
+    assert r["bert_read"] <= 0.6 * r["bert_total"]
   assert [r["pid"] for r in res] == [0, 1]
   assert [r["rows"] for r in res] == [[0, 8], [8, 16]]
   full = np.arange(16 * 3, dtype=np.float32).reshape(16, 3)

@@ -27,6 +27,22 @@ def test_make_mesh_parsing():
     sharding.make_mesh("data")
 
 
+def test_make_mesh_hybrid_dcn_checks():
+  """A hybrid (multislice) mesh in one process: one slice, so a DCN size over 1 is refused
+  naming what was expected (the two-process case is in tests/test_distributed.py)."""
+  n = len(jax.devices())
+  mesh = sharding.make_mesh(f"data:1,fsdp:{n}", dcn="data:1")
+  assert mesh.shape == {"data": 1, "fsdp": n} and set(mesh.devices.flat) == set(jax.devices())
+  with pytest.raises(ValueError, match=f"2 processes of {n // 2} devices each expected"):
+    sharding.make_mesh(f"data:2,fsdp:{n // 2}", dcn="data:2")
+  with pytest.raises(ValueError, match="names axis 'model', which the mesh"):
+    sharding.make_mesh(f"data:2,fsdp:{n // 2}", dcn="model:2")
+  with pytest.raises(ValueError, match="axis 'data' of size 2 .* not divisible by 4"):
+    sharding.make_mesh(f"data:2,fsdp:{n // 2}", dcn="data:4")
+  with pytest.raises(ValueError, match=f"must use every one of the {n} devices"):
+    sharding.make_mesh("data:1", dcn="data:1")
+
+
 def _mlp_setup(key):
   k = jax.random.split(key, 4)
   theta0 = {"l1": {"kernel": jax.random.normal(k[0], (32, 64)) / 6, "bias": jnp.zeros(64)},
@@ -461,3 +477,15 @@ def test_gather_at_use_dense_fsdp_step():
   s = collectives.summarize(collectives.parse_collectives(step.lower(*args).compile().as_text()))
   assert s["all-gather"]["count"] == 3 and s["all-gather"]["bytes"] == 3 * 128 * 256 * 4
   assert s["all-to-all"]["count"] == s["collective-permute"]["count"] == 0
+
+
+def test_config_mesh_dcn_names_axes_of_the_mesh():
+  from lowrank_jax.trainer.config import ConfigError, from_dict
+  raw = {"name": "x", "model": {"random": {"vocab_size": 8, "hidden_size": 4, "num_hidden_layers": 1,
+                                           "num_attention_heads": 1, "intermediate_size": 8}},
+         "mesh": {"mesh": "data:2,fsdp:2,tensor:2", "dcn": "data:2"}}
+  assert from_dict(raw).mesh.dcn == "data:2"
+  with pytest.raises(ConfigError, match=r"mesh\.dcn: the mesh 'data:2,fsdp:2,tensor:2' has no axis 'dta'"):
+    from_dict({**raw, "mesh": {"mesh": "data:2,fsdp:2,tensor:2", "dcn": "dta:2"}})
+  with pytest.raises(ConfigError, match=r"mesh\.dcn: bad mesh spec part"):
+    from_dict({**raw, "mesh": {"mesh": "data:2,fsdp:2,tensor:2", "dcn": "data"}})

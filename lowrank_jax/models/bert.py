@@ -57,8 +57,10 @@ import jax
 import jax.numpy as jnp
 
 from lowrank_jax import validate
-from lowrank_jax.io import hf
+from lowrank_jax.io import hf, safetensors as st
 from lowrank_jax.models import layers, slots as slots_lib
+from lowrank_jax.models.families.base import TensorEntry
+from lowrank_jax.models.hf_decoder import LeafSource
 from lowrank_jax.models.attention import AttentionImpl
 
 __all__ = [
@@ -66,6 +68,7 @@ __all__ = [
   "bert_rules",
   "hf_name",
   "load_bert",
+  "checkpoint_plan",
   "load_minilm",
   "init_bert",
   "minilm_path",
@@ -164,6 +167,28 @@ def load_bert(folder: str | os.PathLike, dtype=jnp.float32) -> tuple[BertConfig,
   params = jax.tree.map(lambda x: jnp.asarray(x, dtype=dtype), tree)
   _check_params(config, params)
   return config, params
+
+
+def checkpoint_plan(folder: str | os.PathLike) -> tuple[BertConfig, list[LeafSource]]:
+  """``(config, sources)``: where each parameter leaf of a BERT folder is stored in its
+  ``model.safetensors`` (the leaves :func:`load_bert` returns, same names and layout:
+  ``kernel`` leaves transposed), so a process can read only slices of them
+  (:meth:`~lowrank_jax.models.hf_decoder.LeafSource.read`). Nothing is read but the header."""
+  folder = os.fspath(folder)
+  config = BertConfig.from_json(os.path.join(folder, "config.json"))
+  path = os.path.join(folder, "model.safetensors")
+  sources: dict[str, LeafSource] = {}
+  for name, info in sorted(st.tensor_infos(path).items()):
+    ours = hf.rename(name, bert_rules(), ndim=len(info.shape))
+    if not ours:
+      continue
+    if ours in sources:
+      raise ValueError(f"{path}: duplicate parameter name {ours!r} after renaming (from {name!r})")
+    transpose = ours.endswith("/kernel")
+    shape = tuple(reversed(info.shape)) if transpose else tuple(info.shape)
+    sources[ours] = LeafSource(TensorEntry(ours, shape, (name,), transpose), (path,), info.dtype)
+  _check_params(config, hf.unflatten(dict.fromkeys(sources)))
+  return config, list(sources.values())
 
 
 def load_minilm(dtype=jnp.float32) -> tuple[BertConfig, PyTree]:

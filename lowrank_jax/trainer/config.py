@@ -290,6 +290,10 @@ class MeshConfig:
       axes the mesh has.
     on_indivisible: a spec that does not divide its leaf: ``"replicate"`` the leaf (with a
       warning naming it) or raise an ``"error"``.
+    dcn: multislice / hybrid meshes: ``"name:size,..."``, how many ways each axis of
+      ``mesh`` spans the slow network between slices (TPU multislice; on GPU and CPU each
+      process is a slice), e.g. ``mesh "data:4,fsdp:4,tensor:2"``, ``dcn "data:2"``
+      (:func:`lowrank_jax.sharding.make_mesh`); ``None``: one slice.
   """
   mesh: Optional[str] = None
   rules: tuple[tuple[str, tuple[MeshAxes, ...]], ...] = ()
@@ -298,6 +302,7 @@ class MeshConfig:
   expert: Optional[str] = None
   batch: Optional[tuple[str, ...]] = None
   on_indivisible: Literal["replicate", "error"] = "replicate"
+  dcn: Optional[str] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -554,6 +559,13 @@ def _check_mesh(mc: MeshConfig, source: str) -> None:
   for key in ("fsdp", "tensor", "expert"):
     if getattr(mc, key) is not None:
       check_axis(f"mesh.{key}", getattr(mc, key))
+  if mc.dcn is not None:
+    try:
+      dcn_names = mesh_axis_names(mc.dcn)
+    except ValueError as e:
+      raise _error(source, "mesh.dcn", str(e)) from e
+    for name in dcn_names:
+      check_axis("mesh.dcn", name)
   for i, name in enumerate(mc.batch or ()):
     check_axis(f"mesh.batch[{i}]", name)
   for i, (_, spec) in enumerate(mc.rules):

@@ -10,7 +10,8 @@ part of the run that touches devices:
   keep their codes in the codec's row layout, gathered inside each matmul
   (:func:`lowrank_jax.sharding.shard`). A Hugging Face decoder folder is read slice by
   slice: each process reads from the safetensors files only the parts of each tensor
-  that its own devices hold (:func:`load_decoder`);
+  that its own devices hold (:func:`load_decoder`), and a BERT folder likewise
+  (:func:`load_bert`);
 * ``phi`` from its base weight's spec (:func:`lowrank_jax.sharding.phi_specs`), the
   optimizer state from its parameter's (:func:`lowrank_jax.sharding.like`);
 * the batch: split over the ``data`` and FSDP axes; each process passes only its rows
@@ -40,10 +41,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lowrank_jax import distributed, sharding, tree as tree_lib
 from lowrank_jax.io import hf as hf_io
-from lowrank_jax.models import hf_decoder
+from lowrank_jax.models import bert, hf_decoder
 from lowrank_jax.trainer.config import MeshConfig
 
-__all__ = ["Placement", "LoadReport", "load_decoder"]
+__all__ = ["Placement", "LoadReport", "load_sources", "load_decoder", "load_bert"]
 
 PyTree = Any
 
@@ -82,7 +83,7 @@ class Placement:
     """The placement of ``mc`` for a model of ``family`` (``"bert"`` or a decoder family)."""
     if mc.mesh is None:
       return cls()
-    mesh = sharding.make_mesh(mc.mesh)
+    mesh = sharding.make_mesh(mc.mesh, dcn=mc.dcn)
     names = mesh.axis_names
     fsdp = _pick(mc.fsdp, "fsdp", names)
     tensor = _pick(mc.tensor, "tensor", names)
@@ -212,20 +213,15 @@ class LoadReport:
             f"base's {self.bytes_total:,} bytes (the slices its devices hold)")
 
 
-def load_decoder(folder: str, dtype, placement: Placement):
-  """``(DecoderConfig, params, LoadReport)`` of a Hugging Face decoder folder placed by ``placement``.
+def load_sources(sources, dtype, placement: Placement) -> tuple[PyTree, LoadReport]:
+  """``(params, LoadReport)``: the leaves ``sources`` describe
+  (:class:`~lowrank_jax.models.hf_decoder.LeafSource`: ``path``, ``shape``,
+  ``stored_dtype``, ``read(dtype, index)``) as global arrays placed by ``placement``.
 
-  Without a mesh: :func:`lowrank_jax.models.hf_decoder.load_pretrained`. On a mesh, each
-  leaf becomes a global array (``jax.make_array_from_callback`` with its target sharding)
-  whose shards are read from the safetensors files slice by slice
-  (:meth:`~lowrank_jax.models.hf_decoder.LeafSource.read`): a process reads only what its
-  own devices hold, each distinct slice once.
+  Each leaf is made by ``jax.make_array_from_callback`` with its target sharding, its
+  shards read from the safetensors files slice by slice: a process reads only what its own
+  devices hold, each distinct slice once (``dtype=None``: the stored dtypes).
   """
-  if not placement.sharded:
-    config, params = hf_decoder.load_pretrained(folder, dtype=dtype)
-    total = tree_lib.count_bytes(params)
-    return config, params, LoadReport(total, total)
-  config, sources = hf_decoder.checkpoint_plan(folder)
   dtypes = {s.path: np.dtype(dtype) if dtype is not None else np.dtype(s.stored_dtype) for s in sources}
   abstract = hf_io.unflatten({s.path: jax.ShapeDtypeStruct(s.shape, dtypes[s.path]) for s in sources})
   leaves, _ = jax.tree_util.tree_flatten_with_path(placement.specs(abstract),
@@ -246,5 +242,32 @@ def load_decoder(folder: str, dtype, placement: Placement):
     sharding_ = NamedSharding(placement.mesh, specs[src.path])
     flat[src.path] = jax.make_array_from_callback(tuple(src.shape), sharding_, callback)
   total = sum(math.prod(s.shape) * dtypes[s.path].itemsize for s in sources)
-  return config, hf_io.unflatten(flat), LoadReport(read[0], total)
+  return hf_io.unflatten(flat), LoadReport(read[0], total)
 
+
+def _whole(config, params) -> tuple[Any, PyTree, LoadReport]:
+  total = tree_lib.count_bytes(params)
+  return config, params, LoadReport(total, total)
+
+
+def load_decoder(folder: str, dtype, placement: Placement):
+  """``(DecoderConfig, params, LoadReport)`` of a Hugging Face decoder folder placed by ``placement``.
+
+  Without a mesh: :func:`lowrank_jax.models.hf_decoder.load_pretrained`. On a mesh, each
+  process reads only the slices its own devices hold (:func:`load_sources` over
+  :func:`lowrank_jax.models.hf_decoder.checkpoint_plan`), never the whole model.
+  """
+  if not placement.sharded:
+    return _whole(*hf_decoder.load_pretrained(folder, dtype=dtype))
+  config, sources = hf_decoder.checkpoint_plan(folder)
+  return (config, *load_sources(sources, dtype, placement))
+
+
+def load_bert(folder: str, dtype, placement: Placement):
+  """``(BertConfig, params, LoadReport)`` of a BERT folder placed by ``placement``, as
+  :func:`load_decoder` (:func:`lowrank_jax.models.bert.checkpoint_plan`; without a mesh:
+  :func:`lowrank_jax.models.bert.load_bert`)."""
+  if not placement.sharded:
+    return _whole(*bert.load_bert(folder, dtype))
+  config, sources = bert.checkpoint_plan(folder)
+  return (config, *load_sources(sources, dtype, placement))

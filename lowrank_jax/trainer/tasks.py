@@ -29,7 +29,7 @@ from lowrank_jax.models import bert, decoder, hf_decoder
 from lowrank_jax.reparam import Reparam
 from lowrank_jax.trainer import base as base_lib
 from lowrank_jax.trainer.config import RunConfig
-from lowrank_jax.trainer.placement import LoadReport, Placement, load_decoder
+from lowrank_jax.trainer.placement import LoadReport, Placement, load_bert, load_decoder
 
 __all__ = ["Problem", "build_problem", "classifier_fns", "evaluate_classifier", "sft_loss",
            "TASKS"]
@@ -156,7 +156,15 @@ def classification(config: RunConfig, keys: Keys) -> Problem:
   """The docstring task on BERT (see the module docstring)."""
   m, d = config.model, config.data
   dtype = jnp.dtype(m.dtype)
-  bcfg, params, base = _base(m, keys, bert.init_bert, lambda folder: bert.load_bert(folder, dtype),
+  placement = Placement.from_config(config.mesh, "bert")
+  loaded: list = []
+
+  def load(folder):  # on a mesh: each process reads only the slices of its devices
+    bcfg, params, report = load_bert(folder, dtype, placement)
+    loaded.append(report if placement.sharded else None)
+    return bcfg, params
+
+  bcfg, params, base = _base(m, keys, bert.init_bert, load,
                              m.path or (None if m.random is not None else bert.minilm_path()))
   if m.dropout is not None:
     bcfg = dataclasses.replace(bcfg, hidden_dropout_prob=m.dropout, attention_probs_dropout_prob=m.dropout)
@@ -176,7 +184,6 @@ def classification(config: RunConfig, keys: Keys) -> Problem:
   loss_fn, logits_fn = classifier_fns(bcfg, m.pooling)
   logits_jit = jax.jit(logits_fn)
   eval_bs = config.training.eval_batch_size or config.training.batch_size
-  placement = Placement.from_config(config.mesh, "bert")
 
   def evaluate(theta, split):
     acc, loss = evaluate_classifier(
@@ -190,7 +197,8 @@ def classification(config: RunConfig, keys: Keys) -> Problem:
       tokens=lambda b: int(b["attention_mask"].sum()),
       info={"n_train": task.sizes()["train"], "sizes": task.sizes(), "labels": list(task.label_names),
             "data_fingerprint": task.fingerprint, "python": task.python_version},
-      path_to_module=_bert_path_to_module, placement=placement)
+      path_to_module=_bert_path_to_module, placement=placement,
+      load_report=loaded[0] if loaded else None)
 
 
 # -------------------------------------------------------------------------------- SFT
