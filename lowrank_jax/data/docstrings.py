@@ -281,7 +281,8 @@ def load_docstring_task(max_len: int = 64, *, packages: Sequence[str] = DEFAULT_
   arrays, digest = {}, hashlib.sha256()
   for name in SPLITS:
     rows = split[name]
-    ids, mask = tokenization.encode([e.text for e in rows], max_len, tokenizer)
+    ids, mask = tokenization.encode([e.text for e in rows], max_len, tokenizer,
+                                    sources=[f"{e.module}:{e.lineno} ({e.qualname})" for e in rows])
     labels = np.asarray([index[e.label] for e in rows], np.int32)
     arrays[name] = {"input_ids": ids, "attention_mask": mask, "labels": labels}
     for e in rows:

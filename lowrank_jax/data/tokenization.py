@@ -33,8 +33,8 @@ def load_tokenizer(path: Optional[str | os.PathLike] = None):
   return Tokenizer.from_file(path)
 
 
-def encode(texts: Sequence[str], max_len: int, tokenizer=None,
-           batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+def encode(texts: Sequence[str], max_len: int, tokenizer=None, batch_size: int = 4096,
+           sources: Optional[Sequence[str]] = None) -> tuple[np.ndarray, np.ndarray]:
   """Encodes ``texts`` to fixed-length ``(input_ids, attention_mask)``, both int32 ``[N, max_len]``.
 
   Args:
@@ -42,6 +42,7 @@ def encode(texts: Sequence[str], max_len: int, tokenizer=None,
     max_len: sequence length after truncation and padding (>= 2 for [CLS] and [SEP]).
     tokenizer: a ``tokenizers.Tokenizer`` (default: MiniLM's); it is not modified.
     batch_size: texts per ``encode_batch`` call.
+    sources: where each text comes from (e.g. ``"module:line"``), named in errors.
 
   Returns:
     ``input_ids`` and ``attention_mask`` (1 for real tokens, 0 for padding).
@@ -49,12 +50,14 @@ def encode(texts: Sequence[str], max_len: int, tokenizer=None,
   Raises:
     lowrank_jax.validate.TokenIdError: the tokenizer gave an id outside its own vocabulary
       ``[0, get_vocab_size(with_added_tokens=True))`` (e.g. a post-processor or padding id
-      beyond it), naming the text's index and the token's position.
+      beyond it), naming the text's index (and source) and the token's position.
   """
   if max_len < 2:
     raise ValueError(f"max_len must be >= 2 (room for [CLS] and [SEP]), got {max_len}")
   if isinstance(texts, str):
     raise TypeError("encode expects a sequence of strings, got a single str")
+  if sources is not None and len(sources) != len(texts):
+    raise ValueError(f"encode: {len(sources)} sources for {len(texts)} texts")
   from tokenizers import Tokenizer
   base = tokenizer if tokenizer is not None else load_tokenizer()
   tok = Tokenizer.from_str(base.to_str())  # a private copy: truncation/padding are mutable state
@@ -70,6 +73,10 @@ def encode(texts: Sequence[str], max_len: int, tokenizer=None,
     for i, e in enumerate(encs):
       ids[start + i] = e.ids
       mask[start + i] = e.attention_mask
-  validate.check_token_ids(ids, base.get_vocab_size(with_added_tokens=True),
-                           what="encode: the tokenizer's ids (position = (text index, token index))")
+  vocab = base.get_vocab_size(with_added_tokens=True)
+  what = "encode: the tokenizer's ids (position = (text index, token index))"
+  bad = np.flatnonzero(((ids < 0) | (ids >= vocab)).any(axis=1))
+  if bad.size and sources is not None:
+    what += f"; text {bad[0]} is {sources[bad[0]]}"
+  validate.check_token_ids(ids, vocab, what=what)
   return ids, mask

@@ -33,6 +33,17 @@ def test_encode_rejects_a_post_processor_id_outside_the_vocabulary():
     tokenization.encode(["a b", "b"], 4, _word_level(cls_id=9))
 
 
+def test_encode_names_the_source_of_the_first_text_with_a_bad_id():
+  tok = Tokenizer(models.WordLevel({**VOCAB, "c": 7}, unk_token="[UNK]"))  # 5 entries, "c" -> 7
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  assert tok.get_vocab_size(with_added_tokens=True) == 5
+  with pytest.raises(validate.TokenIdError, match=r"; text 1 is y.py:2: token id 7 at position \(1, 1\) "
+                                                  r"\(shape \(3, 3\)\) is outside the vocabulary \[0, 5\)"):
+    tokenization.encode(["a b", "b c", "c"], 3, tok, sources=["x.py:1", "y.py:2", "z.py:3"])
+  with pytest.raises(ValueError, match="2 sources for 3 texts"):
+    tokenization.encode(["a", "b", "a"], 3, tok, sources=["x", "y"])
+
+
 def test_a_tokenizer_json_file_loads_without_config(tmp_path):
   folder = DATA / "chat_tokenizer"
   from_folder = chat.load_tokenizer(folder)
