@@ -625,9 +625,10 @@ def load_peft_adapter(folder: str | os.PathLike, theta0: PyTree, *,
     shape = tuple(items[index[path]][1].shape)
     if kind == "IA3":
       ff = _targeted({"target_modules": feedforward}, module) if feedforward else False
+      if len(shape) == 2 and "ia3_l" in params:  # peft's layout says which: [1, in] feed-forward, else [out, 1]
+        _fit(module, path, "ia3_l (feed-forward: [1, in])" if ff else "ia3_l (not feed-forward: [out, 1])",
+             np.shape(params["ia3_l"]), (1, shape[0]) if ff else (shape[1], 1))
       leaf = _leaf_named("ia3_", _ia3_name(ff))(config, kind, module, path, params, shape, dtype)[0]
-      want = (shape[0],) if ff else (shape[1],)
-      _fit(module, path, "ia3_l (as a vector)", leaf["l_in" if ff else "l_out"].shape, want)
       if ff:
         ff_paths.append(path)
       key = ()
@@ -1134,6 +1135,10 @@ def _from_plan(plan: _Plan, path_to_module, base_model_name_or_path, rewritten_b
       return _lora_tensors(phi, None, r, a, rslora, path_to_module, base_model_name_or_path)
     if rewrites and rewritten_base == "keep" and init in ("pissa", "olora"):
       extra["init_lora_weights"] = init
+    if len(module_of) != len(items):  # expert stacks beside per-module LoRA parts (a PerModule)
+      _, stacks = _lora_tensors(phi, None, r, a, rslora, path_to_module, base_model_name_or_path)
+      extra["target_parameters"] = stacks["target_parameters"]
+      rp, ap = {**rp, **stacks["rank_pattern"]}, {**ap, **stacks["alpha_pattern"]}
     config = lora_config(r, a, list(module_of.values()), use_rslora=rslora, use_dora=name == "dora",
                          lora_dropout=float(getattr(first, "dropout", 0.0)),
                          base_model_name_or_path=base_model_name_or_path, rank_pattern=rp, alpha_pattern=ap,

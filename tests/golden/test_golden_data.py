@@ -7,6 +7,8 @@ base weight was already merged and every GaLore snapshot was the final parameter
 output, the adapter changes it, and optimizer snapshots move from step to step.
 """
 
+import json
+
 import numpy as np
 import pytest
 
@@ -46,3 +48,22 @@ def test_galore_snapshots_move_every_step():
       cur = g[f"step{k}/param/{n}"]
       assert np.abs(cur - prev).max() > 1e-4, f"step{k}/param/{n} equals the previous snapshot"
       prev = cur
+
+
+DECODER_PEFT = sorted(p.stem for p in (GOLDEN / "peft_folders" / "decoders").glob("*.npz"))
+
+
+@pytest.mark.parametrize("case", DECODER_PEFT)
+def test_decoder_peft_logits_are_not_the_base_logits(case):
+  """Each stored peft folder changes its base's logits (same batch as the base's own file),
+  and its config names the base by family, not by a machine's path."""
+  g = np.load(GOLDEN / "peft_folders" / "decoders" / f"{case}.npz")
+  family = case.split("_")[0]
+  base = np.load(GOLDEN / "decoders" / f"{family}.npz")
+  np.testing.assert_array_equal(g["input_ids"], base["input_ids"])
+  np.testing.assert_array_equal(g["attention_mask"], base["attention_mask"])
+  keep = g["attention_mask"].astype(bool)
+  assert np.isfinite(g["logits"]).all()
+  assert np.abs(g["logits"] - base["logits"])[keep].max() > 1e-2, "stored logits are the base model's"
+  cfg = json.loads((GOLDEN / "peft_folders" / "decoders" / case / "adapter_config.json").read_text())
+  assert cfg["base_model_name_or_path"] == family and cfg["peft_version"] == "0.21.2"

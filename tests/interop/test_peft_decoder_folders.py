@@ -89,7 +89,7 @@ def test_export_equals_peft_folder(case, tmp_path):
     np.testing.assert_allclose(ours[name], theirs[name], atol=1e-6, rtol=0, err_msg=name)
   mine = json.loads((tmp_path / "ours" / lpeft.CONFIG_NAME).read_text())
   ref = json.loads((FOLDERS / case / lpeft.CONFIG_NAME).read_text())
-  for key in ("peft_type", "use_rslora", "use_dora", "bias", "init_r", "decompose_both", "r"):
+  for key in ("peft_type", "use_rslora", "use_dora", "bias", "init_r", "decompose_both"):
     if key in ref:
       assert mine.get(key) == ref[key], key
   if ref.get("target_parameters"):
@@ -143,7 +143,8 @@ def test_first_target_that_does_not_fit_is_named(tmp_path):
                             module_to_path=lpeft.decoder_module_to_path(_base("llama")[0]))
   folder = _copy("llama_ia3", tmp_path / "ia3", feedforward_modules=["up_proj"])  # down_proj stored as [1, in]
   with pytest.raises(ValueError, match=r"module 'model.layers.0.mlp.down_proj' -> 'layers/layer_0/mlp/down_proj/"
-                                       r"kernel': ia3_l \(as a vector\) has shape"):
+                                       r"kernel': ia3_l \(not feed-forward: \[out, 1\]\) has shape \(1, 64\), "
+                                       r"expected \(64, 1\)"):
     _import("llama", folder)
 
 
@@ -155,3 +156,13 @@ def test_modules_to_save_match_as_peft_does():
       ad.phi[1], is_leaf=lambda x: x is None or isinstance(x, dict) and "w" in x)[0] if x is not None]
   names = sorted(jax.tree_util.keystr(p) for p in trained)
   assert len(names) == 2 + 2 * 2 and any("lm_head" in n for n in names) and any("input_norm" in n for n in names)
+
+
+def test_export_against_a_config_that_does_not_fit_names_the_module(tmp_path):
+  config, _, ad = _import("llama_lora_patterns")
+  to_module = lpeft.decoder_path_to_module(config)
+  wrong = dict(ad.config, rank_pattern={"layers.1.mlp.down_proj": 3})  # v_proj is rank 2
+  with pytest.raises(ValueError, match=r"phi at 'layers/layer_0/attention/v_proj/kernel' \(module "
+                                       r"'model.layers.0.self_attn.v_proj'\) has rank 2, the config says r=4"):
+    lpeft.save_peft_adapter(tmp_path / "x", ad.phi, wrong, path_to_module=to_module)
+  assert not (tmp_path / "x").exists()
