@@ -149,6 +149,15 @@ def record_segments(record: Mapping, tokenizer: TextTokenizer, where: str = "rec
                    f"got keys {sorted(keys)}")
 
 
+def _check_ids(ids: np.ndarray, vocab_size: Optional[int], source: str) -> None:
+  """``ids`` in ``[0, vocab_size)``, or in the int32 range (what rows hold) without a
+  vocabulary size; a :class:`lowrank_jax.validate.TokenIdError` names ``source``."""
+  if vocab_size is None:
+    validate.check_token_ids(ids, _INT32_IDS, what=f"{source}: token ids (no vocab_size known: the int32 range)")
+  else:
+    validate.check_token_ids(ids, int(vocab_size), what=f"{source}: token ids")
+
+
 def _token_id(t, where: str, position: int, what: str) -> int:
   """``t`` as an int; a float, bool or other non-integer id is an error naming where it is."""
   if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, np.integer)):
@@ -190,12 +199,8 @@ def tokenize_record(record: Mapping, tokenizer: TextTokenizer, where: str = "rec
   if not is_chat and tokenizer.eos_id is not None:
     tokens.append(_token_id(tokenizer.eos_id, where, len(tokens), "the tokenizer's eos_id"))
     flags.append(True)
-  vocab = vocab_size if vocab_size is not None else getattr(tokenizer, "vocab_size", None)
   ids = np.asarray(tokens, np.int64)
-  if vocab is None:
-    validate.check_token_ids(ids, _INT32_IDS, what=f"{where}: token ids (no vocab_size known: the int32 range)")
-  else:
-    validate.check_token_ids(ids, int(vocab), what=f"{where}: token ids")
+  _check_ids(ids, vocab_size if vocab_size is not None else getattr(tokenizer, "vocab_size", None), where)
   flags_arr = np.ones(len(tokens), bool) if loss_on == "all" else np.asarray(flags, bool)
   return Example(ids.astype(np.int32), flags_arr, where)
 
@@ -231,10 +236,7 @@ def _fit(ex: Example, seq_len: int, too_long: str) -> Optional[Example]:
 def _check_example(ex: Example, vocab_size: Optional[int]) -> None:
   """An example's ids (e.g. pre-tokenised, not from :func:`tokenize_record`): integers in
   ``[0, vocab_size)`` (the int32 range without a vocabulary size), named by ``ex.source``."""
-  if vocab_size is None:
-    validate.check_token_ids(ex.tokens, _INT32_IDS, what=f"{ex.source}: token ids (the int32 range)")
-  else:
-    validate.check_token_ids(ex.tokens, vocab_size, what=f"{ex.source}: token ids")
+  _check_ids(ex.tokens, vocab_size, ex.source)
   if np.shape(ex.in_loss) != np.shape(ex.tokens):
     raise ValueError(f"{ex.source}: in_loss has shape {np.shape(ex.in_loss)}, tokens {np.shape(ex.tokens)}")
 

@@ -186,7 +186,8 @@ def test_negative_and_non_integer_ids_are_refused():
   # without a vocabulary size negative ids still fail (the int32 range)
   neg = SizedTokenizer(1000, z_id=-7)
   del neg.vocab_size
-  with pytest.raises(validate.TokenIdError, match=r"rec: token ids \(no vocab_size known.*token id -7 at position \(2,\)"):
+  with pytest.raises(validate.TokenIdError,
+                     match=r"rec: token ids \(no vocab_size known.*token id -7 at position \(2,\)"):
     sft.tokenize_record(record, neg, "rec")
   with pytest.raises(TypeError, match=r"rec: the tokenizer gave float 3.0 at token position 2, not an integer"):
     sft.tokenize_record(record, SizedTokenizer(1000, z_id=3.0), "rec")
@@ -198,12 +199,15 @@ def test_pretokenized_examples_are_checked_when_packed():
   good = sft.Example(np.array([5, 6, 7], np.int32), np.array([False, True, True]), "mine:0")
   bad = sft.Example(np.array([5, -2, 7], np.int32), np.array([False, True, True]), "mine:1")
   assert sft.pack([good], 4).examples == 1
-  with pytest.raises(validate.TokenIdError, match=r"mine:1: token ids \(the int32 range\): token id -2 at position \(1,\)"):
+  int32 = r"token ids \(no vocab_size known: the int32 range\)"
+  with pytest.raises(validate.TokenIdError, match=rf"mine:1: {int32}: token id -2 at position \(1,\)"):
     sft.pack([good, bad], 4)
   with pytest.raises(validate.TokenIdError, match=r"mine:0: token ids: token id 7 at position \(2,\).*\[0, 7\)"):
     sft.pack([good], 4, vocab_size=7)
   floats = sft.Example(np.array([5.0, 6.0]), np.array([False, True]), "mine:2")
-  with pytest.raises(TypeError, match=r"mine:2: token ids \(the int32 range\): token ids must be integers, got dtype float64"):
+  with pytest.raises(ValueError, match=r"mine:0: in_loss has shape \(2,\), tokens \(3,\)"):
+    sft.pack([sft.Example(good.tokens, good.in_loss[:2], "mine:0")], 4)
+  with pytest.raises(TypeError, match=rf"mine:2: {int32}: token ids must be integers, got dtype float64"):
     sft.pack([floats], 4)
 
 
