@@ -11,7 +11,6 @@ the whole merged model, on its devices or its host.
 
 from __future__ import annotations
 
-import functools
 import os
 import pathlib
 import shutil
@@ -20,10 +19,10 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import jax.extend.core as jex_core
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from lowrank_jax import lazy
 from lowrank_jax import tree as tree_lib
 from lowrank_jax.interop import peft
 from lowrank_jax.io import safetensors as st
@@ -59,19 +58,21 @@ def _shapes(tree: PyTree) -> PyTree:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree, is_leaf=lazy.is_lazy)
 
 
-def _initial_factors(setup: Setup) -> tuple[bool, Optional[PyTree]]:
+def _initial_factors(setup: Setup, initial_phi: PyTree) -> tuple[bool, Optional[PyTree]]:
   """``(rewrote, factors)``: whether a method's initialisation rewrote the base (PiSSA /
-  OLoRA) and then its initial ``phi`` (LoRA factors, biases left out) on this host, or
-  ``None`` when it spans processes."""
+  OLoRA) and then its initial parameters (LoRA factors, biases left out) on this host
+  (from ``initial_phi``, else ``setup.phi``), or ``None`` when they span processes."""
+  initial_phi = setup.phi if initial_phi is None else initial_phi
   for i, m in setup.method_parts:
     if getattr(m, "init", None) in ("pissa", "olora"):
-      p = setup.phi[i]
+      p = initial_phi[i]
       p = p[0] if getattr(m, "bias", "none") != "none" else p  # (lora, biases)
       return True, (jax.device_get(p) if _addressable(p) else None)
   return False, None
 
 
-def export_peft(folder: pathlib.Path, config: RunConfig, setup: Setup, phi: PyTree, problem: Problem) -> Optional[str]:
+def export_peft(folder: pathlib.Path, config: RunConfig, setup: Setup, phi: PyTree, problem: Problem, *,
+                initial_phi: PyTree = None) -> Optional[str]:
   """Writes the adapter of the config's methods (the task's head left out) to ``folder``;
   returns ``None`` or the reason it was skipped.
 
@@ -85,9 +86,12 @@ def export_peft(folder: pathlib.Path, config: RunConfig, setup: Setup, phi: PyTr
   (``setup.phi``: exact, whatever SVD or quantized base made them). What peft cannot
   represent is refused by ``save_peft_adapter`` (``NotImplementedError``), and so is what
   it cannot write from what is here (``ValueError``: e.g. a PiSSA adapter whose initial
-  factors span processes); its message is returned and nothing is written.
+  factors span processes and were not given); its message is returned and nothing is
+  written.
 
-  Called by process 0 alone with ``phi`` on its host (no collective here).
+  Called by process 0 alone with ``phi`` on its host (no collective here); ``initial_phi``:
+  ``setup.phi`` gathered to this host (``Placement.to_host``) when it spans processes
+  (default: ``setup.phi`` itself).
   """
   why = peft_exportable(config)
   if why is not None:
@@ -97,7 +101,7 @@ def export_peft(folder: pathlib.Path, config: RunConfig, setup: Setup, phi: PyTr
   one = len(parts) == 1
   reparam = parts[0] if one else chain(*parts)
   adapter = phi[index[0]] if one else tuple(phi[i] for i in index)
-  rewrote, initial = _initial_factors(setup)
+  rewrote, initial = _initial_factors(setup, initial_phi)
   # VeRA's projections need only the base's shapes; without the initial factors of a
   # PiSSA / OLoRA adapter (spread over processes) save_peft_adapter says what it lacks
   theta0 = None if rewrote and initial is None else _shapes(problem.theta0)
@@ -123,14 +127,16 @@ def merged_leaves(reparam: Reparam, theta0: PyTree, phi: PyTree, *, mesh: Option
                   dtype=None) -> tuple[PyTree, Callable[[str], Optional[np.ndarray]]]:
   """The merged model ``materialize(apply(theta0, phi))`` one leaf at a time.
 
-  ``fetch(path)`` compiles and runs a program that returns the one merged leaf at
-  ``path`` (cast to ``dtype``): it computes ``apply(theta0, phi)`` and XLA drops every
-  other leaf, so the device holds one extra leaf (an NF4 base is dequantised only for
-  that leaf, a low-rank update formed only for it). On a mesh the program's output is
-  replicated (``out_shardings`` of :func:`jax.jit`: the leaf is all-gathered on the
-  devices, no host collective) and only process 0 copies it to the host; the other
-  processes get ``None``. Gathering to process 0's devices alone has no cheap public
-  API (a program's outputs live on its mesh), so every device holds the leaf briefly.
+  The merge is traced once (:func:`jax.make_jaxpr`: one program with every merged leaf,
+  cast to ``dtype``, as an output). ``fetch(path)`` keeps of it only the equations that
+  leaf needs (dead-code elimination on the jaxpr) and compiles and runs that: the devices
+  compute one merged leaf from that leaf's parts of ``theta0`` and ``phi`` (an NF4 base
+  dequantised, a low-rank update formed, for that leaf alone), so they hold one leaf
+  beyond the trained model. On a mesh the program's output is replicated (``out_shardings``
+  of :func:`jax.jit`: the leaf is all-gathered over the devices, no host collective) and
+  only process 0 copies it to its host; the other processes get ``None``. Gathering to
+  process 0's devices alone has no cheap public API (a program's outputs live on its
+  whole mesh), so every device holds the one leaf briefly.
 
   Every process must call ``fetch`` for the same paths in the same order (each call is
   a collective across processes).
@@ -144,17 +150,25 @@ def merged_leaves(reparam: Reparam, theta0: PyTree, phi: PyTree, *, mesh: Option
     ``(abstract, fetch)``: the merged tree as ``jax.ShapeDtypeStruct`` leaves (lazy
     weights as their dense shape and dtype) and ``fetch(path) -> numpy array or None``.
   """
-  abstract = jax.eval_shape(lambda t, p: merge(reparam, t, p), theta0, phi)
-  if dtype is not None:
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.dtype(dtype)), abstract)
-  paths = set(tree_lib.leaf_paths(abstract))
+  def merged(t, p):
+    tree = merge(reparam, t, p)
+    return tree if dtype is None else jax.tree.map(lambda w: w.astype(dtype), tree)
+
+  closed, abstract = jax.make_jaxpr(merged, return_shape=True)(theta0, phi)
+  index = {path: i for i, path in enumerate(tree_lib.leaf_paths(abstract))}
+  args = jax.tree.leaves((theta0, phi))
   out = None if mesh is None else NamedSharding(mesh, P())
+  programs: dict[str, Callable] = {}  # by the program's text: the layers' alike leaves compile once
 
   def fetch(path: str) -> Optional[np.ndarray]:
-    if path not in paths:
-      raise KeyError(f"merged_leaves: no leaf {path!r} in the merged model (e.g. {sorted(paths)[:4]})")
-    program = jax.jit(functools.partial(_merged_leaf, reparam, path, dtype), out_shardings=out)
-    leaf = program(theta0, phi)
+    if path not in index:
+      raise KeyError(f"merged_leaves: no leaf {path!r} in the merged model (e.g. {sorted(index)[:4]})")
+    one, used = _one_output(closed, index[path])
+    key = str(one)
+    if key not in programs:
+      fn = jex_core.jaxpr_as_fun(one)
+      programs[key] = jax.jit(lambda *xs, fn=fn: fn(*xs)[0], out_shardings=out)
+    leaf = programs[key](*(args[k] for k in used))
     if not is_primary():
       leaf.block_until_ready()  # keep the processes in step; nothing comes to this host
       return None
@@ -163,10 +177,25 @@ def merged_leaves(reparam: Reparam, theta0: PyTree, phi: PyTree, *, mesh: Option
   return abstract, fetch
 
 
-def _merged_leaf(reparam: Reparam, path: str, dtype, theta0: PyTree, phi: PyTree) -> jax.Array:
-  leaf = dict(tree_lib.flatten_with_paths(reparam.apply(theta0, phi)))[path]
-  w = lazy.materialize(leaf)
-  return w if dtype is None else w.astype(dtype)
+def _one_output(closed: jex_core.ClosedJaxpr, i: int) -> tuple[jex_core.ClosedJaxpr, list[int]]:
+  """``(program, inputs)``: output ``i`` of ``closed`` alone, as a function of the inputs it
+  reads (their positions): the equations it does not need are dropped (dead-code
+  elimination, a backward pass over the equations)."""
+  jaxpr = closed.jaxpr
+  target = jaxpr.outvars[i]
+  live = {target} if isinstance(target, jex_core.Var) else set()
+  kept = []
+  for eqn in reversed(jaxpr.eqns):
+    if any(v in live for v in eqn.outvars):
+      kept.append(eqn)
+      live.update(v for v in eqn.invars if isinstance(v, jex_core.Var))
+  used = [k for k, v in enumerate(jaxpr.invars) if v in live]
+  info = jaxpr.debug_info
+  if info is not None:
+    info = info._replace(arg_names=None if info.arg_names is None else tuple(info.arg_names[k] for k in used),
+                         result_paths=None if info.result_paths is None else (info.result_paths[i],))
+  one = jaxpr.replace(invars=[jaxpr.invars[k] for k in used], eqns=kept[::-1], outvars=[target], debug_info=info)
+  return jex_core.ClosedJaxpr(one, closed.consts), used
 
 
 SaveMerged = Callable[..., Any]  # (folder or None, abstract merged tree, dtype, fetch=...) -> ...
