@@ -23,6 +23,7 @@ import jax.extend.core as jex_core
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from lowrank_jax import lazy
 from lowrank_jax import tree as tree_lib
 from lowrank_jax.interop import peft
 from lowrank_jax.io import safetensors as st
