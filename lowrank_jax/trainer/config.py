@@ -334,9 +334,11 @@ class DistributedSection:
 
 @dataclasses.dataclass(frozen=True)
 class ExportConfig:
-  """What the end of a run writes beside the metrics: the adapter as a PEFT folder (methods
-  peft can load: LoRA, DoRA, AdaLoRA; others are skipped with a note) and, for decoders,
-  the merged model as a Hugging Face folder."""
+  """What the end of a run writes beside the metrics: the adapter as a PEFT folder (written
+  from the methods' configs: LoRA incl. rsLoRA, biases and PiSSA/OLoRA converted, DoRA,
+  AdaLoRA, LoKr, LoHa, VeRA, IA3, batched LoRA, ``full`` entries as ``modules_to_save``;
+  what peft cannot represent is skipped with the reason) and, for decoders, the merged
+  model as a Hugging Face folder (streamed leaf by leaf, in ``merged_dtype``)."""
   peft: bool = True
   merged: bool = False
   merged_dtype: Optional[DTypeName] = None

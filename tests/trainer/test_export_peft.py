@@ -98,6 +98,7 @@ def test_cli_run_exports_rslora_with_trained_biases(tmp_path):
 @pytest.mark.parametrize("methods,peft_type", [
     ([{"name": "dora", "where": QV, "rank": 2, "alpha": 4}], "LORA"),
     ([{"name": "lora", "where": QV, "rank": 2, "alpha": 4, "init": "pissa"}], "LORA"),
+    ([{"name": "adalora", "where": QV, "init_r": 3, "alpha": 4}], "ADALORA"),
     ([{"name": "vera", "where": QV, "rank": 4}], "VERA"),
     ([{"name": "loha", "where": QV, "rank": 2, "alpha": 4}], "LOHA"),
     ([{"name": "lokr", "where": QV, "rank": 2, "alpha": 4}], "LOKR"),
@@ -105,7 +106,7 @@ def test_cli_run_exports_rslora_with_trained_biases(tmp_path):
        "feedforward": r"layer_\d+/output/kernel$"}], "IA3"),
     ([{"name": "lora", "where": QV, "rank": 2, "alpha": 4},
       {"name": "full", "where": r"attention/output/kernel$"}], "LORA"),
-], ids=["dora", "pissa", "vera", "loha", "lokr", "ia3", "lora+full"])
+], ids=["dora", "pissa", "adalora", "vera", "loha", "lokr", "ia3", "lora+full"])
 def test_every_method_peft_has_is_written_from_its_config(tmp_path, methods, peft_type):
   config = C.load(str(_config(tmp_path, methods)))
   p = prepare(config)
