@@ -566,7 +566,8 @@ def load_peft_adapter(folder: str | os.PathLike, theta0: PyTree, *,
     module_to_path: peft module name -> our leaf path.
     tensor_to_path: ``(torch tensor name, ndim) -> our path`` of trained base tensors
       (biases, ``modules_to_save``); default: the BERT loader's renaming with the BERT
-      mapping, else the kernel / bias beside ``module_to_path(module)``.
+      mapping, the family's tensor table with :func:`decoder_module_to_path` (norms,
+      ``lm_head``, biases), else the kernel / bias beside ``module_to_path(module)``.
     dtype: dtype of the imported adapter arrays (trained base tensors keep the base's).
 
   Returns:

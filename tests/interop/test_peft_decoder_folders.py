@@ -9,7 +9,6 @@ the same logits. A folder that does not fit names the first module, the expected
 import functools
 import json
 import pathlib
-import shutil
 
 import jax
 import numpy as np
@@ -18,6 +17,7 @@ import pytest
 from lowrank_jax.interop import peft as lpeft
 from lowrank_jax.io import safetensors as st
 from lowrank_jax.models import decoder, hf_decoder
+from tests.interop.test_peft_folders import _copy as copy_with_config
 
 GOLDEN = pathlib.Path(__file__).parents[1] / "golden"
 FOLDERS = GOLDEN / "peft_folders" / "decoders"
@@ -116,12 +116,7 @@ def test_peft_loads_our_export(case, tmp_path):
 
 
 def _copy(case, tmp_path, **changes) -> pathlib.Path:
-  folder = tmp_path / case
-  shutil.copytree(FOLDERS / case, folder)
-  cfg = json.loads((folder / lpeft.CONFIG_NAME).read_text())
-  cfg.update(changes)
-  (folder / lpeft.CONFIG_NAME).write_text(json.dumps(cfg))
-  return folder
+  return copy_with_config(case, tmp_path, root=FOLDERS, **changes)
 
 
 def test_first_target_that_does_not_fit_is_named(tmp_path):

@@ -132,9 +132,10 @@ def test_export_with_a_config_dict_checks_phi_against_it(bases, tmp_path):
     lpeft.save_peft_adapter(tmp_path / "x", ad.phi, dict(ad.config, use_dora=True))
 
 
-def _copy(case, tmp_path, **changes) -> pathlib.Path:
+def _copy(case, tmp_path, root=FOLDERS, **changes) -> pathlib.Path:
+  """A copy of ``root / case`` in ``tmp_path`` with ``changes`` in its adapter_config.json."""
   folder = tmp_path / case
-  shutil.copytree(FOLDERS / case, folder)
+  shutil.copytree(root / case, folder)
   cfg = json.loads((folder / lpeft.CONFIG_NAME).read_text())
   cfg.update(changes)
   (folder / lpeft.CONFIG_NAME).write_text(json.dumps(cfg))
