@@ -45,7 +45,7 @@ def peft_exportable(config: RunConfig) -> Optional[str]:
   (:func:`lowrank_jax.interop.peft.save_peft_adapter` refuses it, saying why)."""
   names = config.method_names
   if not names:
-    return "PEFT export needs a method; the run trains only the task's head"
+    return "PEFT export needs exactly one method with an adapter; the run has none (it trains only the task's head)"
   if all(n == "full" for n in names):
     return f"PEFT export: the chain {list(names)} has no adapter (full fine-tuning: export the merged model)"
   return None
