@@ -2,9 +2,11 @@
 localhost), through the command as a user launches it on two hosts:
 
 1. ``lowrank-jax-train CONFIG --mesh fsdp:2,data:2,tensor:2 --coordinator localhost:PORT
-   --num-processes 2 --process-id I`` in two processes (each runs the config in its child
-   process, which joins the run). The FSDP axis spans the two processes, so each reads
-   half of the base's bytes from the safetensors file; data and tensor axes are within them.
+   --num-processes 2 --process-id I --set mesh.dcn=fsdp:2`` in two processes (each runs the
+   config in its child process, which joins the run). The FSDP axis spans the two processes
+   (a hybrid mesh: ``mesh_utils.create_hybrid_device_mesh``, each process a slice), so each
+   reads half of the base's bytes from the safetensors file; data and tensor axes are within
+   them.
 2. Both processes (command and child) are SIGKILLed mid-run; the same command with
    ``--resume`` continues in two processes. Then only process 1's command is SIGKILLed:
    its training process gets SIGTERM (it never outlives its parent), and both training
@@ -37,6 +39,7 @@ from tests.trainer.conftest import ROOT
 from tests.trainer.test_mesh import assert_same_state, checkpoint_arrays, mesh_config, needs_8
 
 MESH2 = "fsdp:2,data:2,tensor:2"  # fsdp first: it is the axis that spans the two processes
+DCN = "fsdp:2"  # ... as a hybrid (multislice) mesh: each process is a slice, fsdp spans them
 NAME = "sft_tiny_mesh"
 STEPS = 7  # a checkpoint after each (configs/sft_tiny_mesh.json)
 
@@ -65,7 +68,8 @@ def _launch(cfg: str, out: pathlib.Path, logs: pathlib.Path, env: dict, *extra: 
     log = open(logs / f"{i}.log", "w")
     procs.append(subprocess.Popen(
         [sys.executable, "-m", "lowrank_jax.trainer.cli", cfg, "--out", str(out), "--quiet", "--mesh", MESH2,
-         "--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(i), *extra],
+         "--set", f"mesh.dcn={DCN}", "--coordinator", f"localhost:{port}", "--num-processes", "2",
+         "--process-id", str(i), *extra],
         env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
     log.close()
   return procs
