@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import pathlib
+import re
 import subprocess
 import sys
 import weakref
@@ -182,8 +183,19 @@ def _worker(out: str, port: int, process_id: int) -> None:
   mesh, theta0_p, phi_p = _placed(config, theta0, phi, MESH)
   spans = [x for x in jax.tree.leaves(theta0_p) if not x.is_fully_addressable]
   assert spans, "the base should span both processes"
-  export.write_merged(pathlib.Path(out), _save(config), reparam, theta0_p, phi_p, mesh=mesh)
-  print(f"process {process_id}: exported ({len(spans)} base leaves span both processes)", flush=True)
+  host = {"leaves": 0, "bytes": 0}
+
+  def save(folder, abstract, dtype, fetch):
+    def counted(path):  # what each leaf brought to this process's host
+      arr = fetch(path)
+      host["leaves"] += 1
+      host["bytes"] += 0 if arr is None else arr.nbytes
+      return arr
+    return hf_decoder.save_pretrained(folder, config, abstract, dtype=dtype, fetch=counted)
+
+  export.write_merged(pathlib.Path(out), save, reparam, theta0_p, phi_p, mesh=mesh)
+  print(f"process {process_id}: fetched {host['leaves']} leaves, {host['bytes']} bytes to its host "
+        f"({len(spans)} base leaves span both processes)", flush=True)
   jax.distributed.shutdown()
 
 
@@ -204,6 +216,12 @@ def test_two_processes_write_the_one_process_folder(tmp_path):
         p.kill()
   assert [p.returncode for p in procs] == [0, 0], "\n".join(outs)
   config, reparam, _, theta0, phi = _model("llama", False)
+  # both processes ran every leaf's program; only process 0's host received the model
+  model_bytes = sum(np.asarray(x).nbytes for x in jax.tree.leaves(merge(reparam, theta0, phi)))
+  fetched = [re.search(r"process \d: fetched (\d+) leaves, (\d+) bytes", o) for o in outs]
+  assert all(fetched), outs
+  (n0, b0), (n1, b1) = [(int(m.group(1)), int(m.group(2))) for m in fetched]
+  assert n0 == n1 == len(jax.tree.leaves(theta0)) and b0 == model_bytes and b1 == 0, (n0, n1, b0, b1)
   export.write_merged(tmp_path / "one", _save(config), reparam, theta0, phi)
   two, one = _folder(tmp_path / "two"), _folder(tmp_path / "one")
   assert sorted(two) == sorted(one)
