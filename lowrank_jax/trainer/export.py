@@ -165,7 +165,7 @@ def merged_leaves(reparam: Reparam, theta0: PyTree, phi: PyTree, *, mesh: Option
     if path not in index:
       raise KeyError(f"merged_leaves: no leaf {path!r} in the merged model (e.g. {sorted(index)[:4]})")
     one, used = _one_output(closed, index[path])
-    key = str(one)
+    key = str(one)  # (it declares every constant of the trace, so it says which ones it reads)
     if key not in programs:
       fn = jex_core.jaxpr_as_fun(one)
       programs[key] = jax.jit(lambda *xs, fn=fn: fn(*xs)[0], out_shardings=out)

@@ -27,7 +27,7 @@ from lowrank_jax.io import safetensors as st
 from lowrank_jax.methods import registry
 from lowrank_jax.models import hf_decoder
 from lowrank_jax.quant.qlora import quantize
-from lowrank_jax.reparam import initialize, merge
+from lowrank_jax.reparam import Reparam, initialize, merge
 from lowrank_jax.trainer import export
 from lowrank_jax.trainer.config import MeshConfig
 from lowrank_jax.trainer.placement import Placement
@@ -162,6 +162,24 @@ def test_the_host_holds_one_merged_leaf_at_a_time(tmp_path, mesh, capsys):
   assert alive["fetches"] == len(leaves)  # each leaf fetched once (expert stacks too)
   assert max(leaves) <= alive["peak"] <= max(leaves)
   assert sum(leaves) > 4 * max(leaves)  # the bound says something on this model
+
+
+def test_leaves_alike_but_for_their_constants_are_not_confused(tmp_path):
+  """Programs are shared between leaves whose pruned programs print alike (the layers);
+  a method whose update is a constant per leaf (captured numpy arrays: the program's
+  constants, named by position only in its text) still gets each leaf's own."""
+  config, params = hf_decoder.load_pretrained(GOLDEN / "llama")
+  rng = np.random.default_rng(0)
+  const = {p: rng.standard_normal(w.shape).astype(np.float32) for p, w in tree_lib.flatten_with_paths(params)}
+
+  def apply(theta0, phi, rng=None):
+    flat = tree_lib.flatten_with_paths(theta0)
+    return jax.tree.unflatten(jax.tree.structure(theta0), [w + const[p] for p, w in flat])
+
+  reparam = Reparam(init=lambda key, t: None, apply=apply, init_with_base=lambda key, t: (t, None))
+  _, fetch = export.merged_leaves(reparam, params, None)
+  for p, w in tree_lib.flatten_with_paths(params):
+    np.testing.assert_array_equal(fetch(p), np.asarray(w) + const[p], err_msg=p)
 
 
 def test_a_path_outside_the_model_is_named(tmp_path):
