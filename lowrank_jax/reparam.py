@@ -719,19 +719,20 @@ def chain(*reparams: Reparam) -> Reparam:
 
 class PerModule(NamedTuple):
   """``Reparam.config`` of :func:`per_module`: the configs of its parts, in order (each
-  part's ``where`` is its mask)."""
+  part's ``where`` is its selection)."""
   parts: tuple
 
 
-def per_module(parts: list[tuple[PyTree, Reparam]]) -> Reparam:
+def per_module(parts: list[tuple[tree_lib.Where, Reparam]]) -> Reparam:
   """Per-leaf reparams over disjoint sets of leaves that share one ``phi`` mirror tree
   (e.g. LoRA with another rank and alpha per module: peft's ``rank_pattern`` /
-  ``alpha_pattern``). ``parts`` are ``(mask, reparam)`` with each reparam built on its mask;
-  each part sees ``phi`` at its own leaves only (``None`` elsewhere)."""
+  ``alpha_pattern``). ``parts`` are ``(where, reparam)`` with each reparam built on its
+  selection ``where`` (a mask, a regex, ...: :func:`lowrank_jax.tree.select`); each part
+  sees ``phi`` at its own leaves only (``None`` elsewhere)."""
 
-  def restrict(theta0, phi, mask):
+  def restrict(theta0, phi, where):
     treedef = jax.tree_util.tree_structure(theta0, is_leaf=lazy.is_lazy)
-    flags = jax.tree_util.tree_leaves(mask)
+    flags = jax.tree_util.tree_leaves(tree_lib.select(theta0, where))
     return jax.tree_util.tree_unflatten(treedef, [p if f else None for p, f in
                                                   zip(treedef.flatten_up_to(phi), flags)])
 

@@ -123,6 +123,11 @@ def test_a_chain_and_a_per_module_round_trip(theta0):
     _assert_same_trees(a, b)
   # chain_from takes the same items
   assert registry.describe(registry.chain_from(_json(data))) == data
+  # a part may select its leaves by regex: the same model as by mask
+  by_regex = per_module([(masks[0], lj.lora(masks[0], rank=2, alpha=4)),
+                         ("value/kernel", lj.lora("value/kernel", rank=4, alpha=16, rslora=True))])
+  for a, b in zip(_outputs(by_regex, theta0), _outputs(pm, theta0)):
+    _assert_same_trees(a, b)
 
 
 def test_what_is_not_data_is_named():

@@ -136,7 +136,7 @@ def test_lazy_path_has_no_dense_update():
 def test_errors():
   with pytest.raises(ValueError, match="positive int"):
     lokr("w", rank=0)
-  with pytest.raises(ValueError, match="unknown LoKr init"):
+  with pytest.raises(ValueError, match="lokr: parameter 'init' must be one of 'peft', 'lycoris', 'random'"):
     lokr("w", init="xavier")
   with pytest.raises(ValueError, match=r"'t' has shape \(4, 3, 2\), not a matrix"):
     lokr("t").init(jax.random.key(0), {"t": jnp.zeros((4, 3, 2))})

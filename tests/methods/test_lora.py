@@ -189,7 +189,7 @@ def test_merged_matmul_equals_factored_with_every_gradient():
                              rtol=1e-6)
   q = lj.quantize(theta0, "w", codec="nf4", block_size=16)
   np.testing.assert_allclose(loss(phi, q, "merged"), loss(phi, q, "factored"), rtol=1e-5)
-  with pytest.raises(ValueError, match="matmul mode 'fused'.*factored.*merged"):
+  with pytest.raises(ValueError, match="lora: parameter 'matmul' must be one of 'factored', 'merged', got str 'fused'"):
     lj.lora("w", rank=4, matmul="fused")
 
 
@@ -213,7 +213,7 @@ def test_bias_modes():
   assert phi[1]["l"]["bias"] is not None and phi[1]["m"]["kernel"] is None
   phi_all = lj.lora(r"kernel", rank=2, bias="all").init(jax.random.key(0), theta0)
   assert lj.count_params(phi_all[1]) == 24
-  with pytest.raises(ValueError, match="bias mode"):
+  with pytest.raises(ValueError, match="lora: parameter 'bias' must be one of 'none', 'all', 'lora_only'"):
     lj.lora("kernel", rank=2, bias="some")
 
 
