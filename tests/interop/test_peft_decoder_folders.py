@@ -16,6 +16,7 @@ import pytest
 
 from lowrank_jax.interop import peft as lpeft
 from lowrank_jax.io import safetensors as st
+from lowrank_jax.methods import registry
 from lowrank_jax.models import decoder, hf_decoder
 from tests.interop.test_peft_folders import _copy as copy_with_config
 
@@ -101,17 +102,10 @@ def test_export_equals_peft_folder(case, tmp_path):
 
 @pytest.mark.parametrize("case", CASES)
 def test_peft_loads_our_export(case, tmp_path):
-  torch = pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
-  peft = pytest.importorskip("peft")
+  pytest.importorskip("peft")
   config, params, ad = _export(case, tmp_path / "ours")
   g, _ = _reference(case)
-  model = transformers.AutoModelForCausalLM.from_pretrained(BASES / _family(case), attn_implementation="eager")
-  model = peft.PeftModel.from_pretrained(model, str(tmp_path / "ours")).eval()
-  pos = np.maximum(np.cumsum(g["attention_mask"], 1) - 1, 0)
-  with torch.no_grad():
-    theirs = model(input_ids=torch.tensor(g["input_ids"]), attention_mask=torch.tensor(g["attention_mask"]),
-                   position_ids=torch.tensor(pos)).logits.numpy() * g["attention_mask"][..., None]
+  theirs = _peft_logits(_family(case), tmp_path / "ours", g)
   assert np.abs(_logits(config, ad.reparam.apply(params, ad.phi), g) - theirs).max() < 1e-5
 
 
@@ -161,3 +155,44 @@ def test_export_against_a_config_that_does_not_fit_names_the_module(tmp_path):
                                        r"'model.layers.0.self_attn.v_proj'\) has rank 2, the config says r=4"):
     lpeft.save_peft_adapter(tmp_path / "x", ad.phi, wrong, path_to_module=to_module)
   assert not (tmp_path / "x").exists()
+
+
+def _peft_logits(family, folder, g):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  peft = pytest.importorskip("peft")
+  model = transformers.AutoModelForCausalLM.from_pretrained(BASES / family, attn_implementation="eager")
+  model = peft.PeftModel.from_pretrained(model, str(folder)).eval()
+  pos = np.maximum(np.cumsum(g["attention_mask"], 1) - 1, 0)
+  with torch.no_grad():
+    return model(input_ids=torch.tensor(g["input_ids"]), attention_mask=torch.tensor(g["attention_mask"]),
+                 position_ids=torch.tensor(pos)).logits.numpy() * g["attention_mask"][..., None]
+
+
+FRESH = {  # method, family, registry arguments: adapters trained here, not imported
+  "dora": ("gemma", dict(where=r"(q|v|down)_proj/kernel", rank=3, alpha=5.0)),
+  "lokr": ("qwen2", dict(where=r"(k|up)_proj/kernel", rank=2, alpha=3.0)),
+  "loha": ("llama", dict(where=r"(q|down)_proj/kernel", rank=2, alpha=3.0)),
+  "vera": ("gemma", dict(where=r"(k|down|up)_proj/kernel", rank=4, key=None)),
+  "ia3": ("mixtral", dict(where=r"attention/(k|v|o)_proj/kernel", feedforward=r"o_proj/kernel")),
+  "adalora": ("llama", dict(where=r"(v|gate)_proj/kernel", init_r=3, alpha=6.0)),
+}
+
+
+@pytest.mark.parametrize("method", sorted(FRESH))
+def test_peft_loads_a_fresh_export(method, tmp_path):
+  """An adapter built by the registry on a decoder (random values, so every factor matters):
+  the export reads its config, peft's load gives our logits."""
+  family, kw = FRESH[method]
+  config, params = _base(family)
+  if "key" in kw:
+    kw = dict(kw, key=jax.random.key(3))
+  reparam = registry.build(method, **kw)
+  phi = reparam.init(jax.random.key(0), params)
+  phi = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.key(1), x.shape, x.dtype), phi)
+  lpeft.save_peft_adapter(tmp_path / "a", phi, reparam=reparam, theta0=params,
+                          path_to_module=lpeft.decoder_path_to_module(config))
+  g = dict(np.load(BASES / f"{family}.npz"))
+  ours = _logits(config, reparam.apply(params, phi), g)
+  assert np.abs(ours - _logits(config, params, g)).max() > 1e-2
+  assert np.abs(ours - _peft_logits(family, tmp_path / "a", g)).max() < 1e-5
