@@ -124,6 +124,7 @@ def shared_folder_hash(folder: str | os.PathLike, kind: str = FILES_KIND) -> tup
   computes it and broadcasts it (every process calls this; the others read nothing)."""
   if jax.process_count() == 1:
     return _compute(folder, kind)
+  _weight_files(pathlib.Path(folder))  # a missing folder raises on every process, not on 0 alone
   value, read = _compute(folder, kind) if jax.process_index() == 0 else ("", 0)
   raw = np.zeros(128, np.uint8)
   raw[:len(value)] = np.frombuffer(value.encode(), np.uint8)
