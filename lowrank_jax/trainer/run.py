@@ -224,6 +224,10 @@ def run(config: RunConfig, out: str | pathlib.Path, *, resume: bool = False, qui
   step_fn = placement.step(functools.partial(
       train.make_train_step, reparam, setup.optimizer, problem.loss_fn, regularizer=setup.regularizer,
       check_finite=True))
+  # PiSSA / OLoRA adapters export relative to their initial factors; the step donates phi's
+  # buffers, so the initial phi (adapter-sized) is copied to the host first (a collective)
+  wants_peft = config.export.peft and export.peft_exportable(config) is None
+  initial_phi = placement.to_host(setup.phi) if wants_peft else None
   outcome = run_loop(
       name=config.name, state=state, step_fn=step_fn, theta0=setup.theta0, rows=problem.train_rows,
       batch_size=config.training.batch_size, seed=config.training.seed, key=key, total_steps=p.total_steps,
@@ -256,8 +260,9 @@ def run(config: RunConfig, out: str | pathlib.Path, *, resume: bool = False, qui
       skipped = export.peft_exportable(config)
       if skipped is None:
         host_phi = placement.to_host(phi)  # a collective: every process gathers, process 0 writes
-        if primary:
-          export.export_peft(run_dir.root / "adapter", config, setup, host_phi, problem)
+        if primary:  # None, or save_peft_adapter's reason for refusing the method
+          skipped = export.export_peft(run_dir.root / "adapter", config, setup, host_phi, problem,
+                                       initial_phi=initial_phi)
       exports["peft"] = str(run_dir.root / "adapter") if skipped is None else None
       if skipped:
         exports["peft_skipped"] = skipped

@@ -72,27 +72,40 @@ def _adapter_config(folder) -> dict:
   return json.loads((folder / peft.CONFIG_NAME).read_text())
 
 
-def test_cli_run_exports_rslora_with_trained_biases(tmp_path):
-  """End to end through the command: rsLoRA with bias='lora_only' trained a few steps; the
-  adapter folder says so and imports to the trained model (the last checkpoint's phi)."""
-  methods = [{"name": "lora", "where": QV, "rank": 2, "alpha": 4, "rslora": True, "bias": "lora_only"}]
+def _cli_export(tmp_path, methods):
+  """Runs ``methods`` through the command; returns the adapter config it wrote and the folder
+  imported onto the pretrained base, checked against the last checkpoint's trained model."""
   path = _config(tmp_path, methods)
   out = tmp_path / "out"
   assert cli.main([str(path), "--out", str(out), "--inline", "--quiet"]) == 0
   result = json.loads((out / "peft.json").read_text())
   folder = out / "peft" / "adapter"
   assert result["exports"]["peft"] == str(folder) and "peft_skipped" not in result["exports"]
-  cfg = _adapter_config(folder)
-  assert (cfg["peft_type"], cfg["r"], cfg["lora_alpha"], cfg["use_rslora"], cfg["bias"]) == ("LORA", 2, 4, True,
-                                                                                             "lora_only")
-  assert sorted(cfg["target_modules"]) == ["encoder.layer.0.attention.self.query",
-                                           "encoder.layer.0.attention.self.value"]
   p = prepare(C.load(str(path)))
   steps = sorted((out / "peft" / "checkpoints").iterdir())
   ck = checkpoint.restore(steps[-1], p.setup.phi, p.setup.optimizer.init(p.setup.phi))
   theta = p.setup.reparam.apply(p.setup.theta0, ck.phi)
-  imported = _check_import(folder, p.problem, theta, p.config.model.random)
+  return _adapter_config(folder), _check_import(folder, p.problem, theta, p.config.model.random)
+
+
+def test_cli_run_exports_rslora_with_trained_biases(tmp_path):
+  """End to end through the command: rsLoRA with bias='lora_only' trained a few steps; the
+  adapter folder says so and imports to the trained model (the last checkpoint's phi)."""
+  methods = [{"name": "lora", "where": QV, "rank": 2, "alpha": 4, "rslora": True, "bias": "lora_only"}]
+  cfg, imported = _cli_export(tmp_path, methods)
+  assert (cfg["peft_type"], cfg["r"], cfg["lora_alpha"], cfg["use_rslora"], cfg["bias"]) == ("LORA", 2, 4, True,
+                                                                                             "lora_only")
+  assert sorted(cfg["target_modules"]) == ["encoder.layer.0.attention.self.query",
+                                           "encoder.layer.0.attention.self.value"]
   assert isinstance(imported.phi, tuple) and len(imported.phi) == 2  # (LoRA, trained biases)
+
+
+def test_cli_run_exports_pissa_against_the_pretrained_base(tmp_path):
+  """PiSSA through the command (the step donates phi: the run keeps the initial factors for
+  the conversion): written as rank 2r relative to the pretrained base, imports to the
+  trained model."""
+  cfg, _ = _cli_export(tmp_path, [{"name": "lora", "where": QV, "rank": 2, "alpha": 4, "init": "pissa"}])
+  assert (cfg["peft_type"], cfg["r"], cfg["lora_alpha"]) == ("LORA", 4, 8)
 
 
 @pytest.mark.parametrize("methods,peft_type", [
@@ -145,3 +158,14 @@ def test_peft_exportable_screens_runs_without_an_adapter(tmp_path):
   full = C.load(str(_config(tmp_path, [{"name": "full", "where": QV}])))
   assert "no adapter" in export.peft_exportable(full)
   assert export.peft_exportable(C.load(str(_config(tmp_path, [{"name": "glora", "where": QV, "rank": 2}])))) is None
+
+
+def test_a_run_records_why_its_adapter_was_not_written(tmp_path):
+  """Through the command: a GLoRA run finishes, its result says the PEFT folder was skipped
+  and why (peft has no GLoRA tuner), and no adapter folder is left behind."""
+  path = _config(tmp_path, [{"name": "glora", "where": QV, "rank": 2}])
+  out = tmp_path / "out"
+  assert cli.main([str(path), "--out", str(out), "--inline", "--quiet"]) == 0
+  exports = json.loads((out / "peft.json").read_text())["exports"]
+  assert exports["peft"] is None and "no GLoRA tuner" in exports["peft_skipped"], exports
+  assert not (out / "peft" / "adapter").exists()
