@@ -48,6 +48,7 @@ __all__ = [
   "save_file",
   "checkpoint_files",
   "write_sharded",
+  "parse_size",
   "SINGLE_FILE",
   "INDEX_FILE",
   "replace_folder",
@@ -330,15 +331,26 @@ def checkpoint_files(folder: str | os.PathLike) -> dict[str, str]:
   raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {folder}{hint}")
 
 
-def _parse_size(size) -> int:
-  if isinstance(size, int):
+def parse_size(size: int | str) -> int:
+  """A byte count, or a size like ``"5GB"`` / ``"500MiB"`` / ``"100KB"`` (decimal and binary
+  units), as a positive number of bytes; anything else is a ``ValueError`` naming it."""
+  if isinstance(size, int) and not isinstance(size, bool) and size > 0:
     return size
   s = str(size).strip().upper()
   for unit, mult in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9), ("MB", 10**6),
                      ("KB", 10**3), ("B", 1)):
     if s.endswith(unit):
-      return int(float(s[: -len(unit)]) * mult)
-  return int(s)
+      s, scale = s[: -len(unit)].strip(), mult
+      break
+  else:
+    scale = 1
+  try:
+    n = int(float(s) * scale)
+  except (ValueError, OverflowError):
+    n = 0
+  if isinstance(size, bool) or n <= 0:
+    raise ValueError(f"size {size!r}: expected a positive byte count or a size like '5GB', '500MiB', '100KB'")
+  return n
 
 
 def write_sharded(folder: str | os.PathLike, sources: Iterable[TensorSource], *,
@@ -352,7 +364,7 @@ def write_sharded(folder: str | os.PathLike, sources: Iterable[TensorSource], *,
   """
   folder = os.fspath(folder)
   sources = list(sources)
-  limit = None if max_shard_size is None else _parse_size(max_shard_size)
+  limit = None if max_shard_size is None else parse_size(max_shard_size)
   shards: list[list[TensorSource]] = [[]]
   size = 0
   for s in sources:

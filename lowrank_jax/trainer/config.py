@@ -51,6 +51,7 @@ import numpy as np
 
 from lowrank_jax import distributed, sharding
 from lowrank_jax.data.docstrings import DEFAULT_PACKAGES
+from lowrank_jax.io import safetensors
 from lowrank_jax.methods import registry
 from lowrank_jax.models import bert, decoder
 from lowrank_jax.optim import make_optimizer
@@ -338,10 +339,19 @@ class ExportConfig:
   from the methods' configs: LoRA incl. rsLoRA, biases and PiSSA/OLoRA converted, DoRA,
   AdaLoRA, LoKr, LoHa, VeRA, IA3, batched LoRA, ``full`` entries as ``modules_to_save``;
   what peft cannot represent is skipped with the reason) and, for decoders, the merged
-  model as a Hugging Face folder (streamed leaf by leaf, in ``merged_dtype``)."""
+  model as a Hugging Face folder (streamed leaf by leaf, in ``merged_dtype``; larger than
+  ``merged_max_shard_size``, e.g. ``"5GB"``, it is written as shards + index)."""
   peft: bool = True
   merged: bool = False
   merged_dtype: Optional[DTypeName] = None
+  merged_max_shard_size: Optional[str] = None
+
+  def __post_init__(self):
+    if self.merged_max_shard_size is not None:
+      try:
+        safetensors.parse_size(self.merged_max_shard_size)
+      except ValueError as e:
+        raise ValueError(f"merged_max_shard_size: {e}") from None
 
 
 @dataclasses.dataclass(frozen=True)

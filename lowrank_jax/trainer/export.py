@@ -11,6 +11,7 @@ the whole merged model, on its devices or its host.
 
 from __future__ import annotations
 
+import functools
 import os
 import pathlib
 import shutil
@@ -235,6 +236,9 @@ def export_merged(folder: pathlib.Path, config: RunConfig, setup: Setup, phi: Py
   leaf by leaf (:func:`write_merged`; every process calls it, process 0 writes)."""
   if problem.save_merged is None:
     raise ValueError(f"{config.name}: the {config.task} task cannot write a merged model folder")
-  dtype = jnp.dtype(config.export.merged_dtype) if config.export.merged_dtype else None
-  write_merged(folder, problem.save_merged, setup.reparam, setup.theta0, phi,
-               mesh=problem.placement.mesh, dtype=dtype)
+  e = config.export
+  dtype = jnp.dtype(e.merged_dtype) if e.merged_dtype else None
+  save = problem.save_merged
+  if e.merged_max_shard_size is not None:
+    save = functools.partial(save, max_shard_size=e.merged_max_shard_size)
+  write_merged(folder, save, setup.reparam, setup.theta0, phi, mesh=problem.placement.mesh, dtype=dtype)

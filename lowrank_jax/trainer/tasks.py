@@ -57,8 +57,9 @@ class Problem:
     tokens: the number of real tokens of a batch (for tokens/s).
     info: JSON facts for the results (labels, data fingerprint, sizes).
     path_to_module: our leaf path -> the peft module name (PEFT export).
-    save_merged: ``(folder, merged_params, dtype, fetch=None)`` writes a Hugging Face folder
-      (``fetch(path)``: each leaf, one at a time; ``folder=None``: fetch only), or ``None``.
+    save_merged: ``(folder, merged_params, dtype, fetch=None, max_shard_size=None)`` writes a
+      Hugging Face folder (``fetch(path)``: each leaf, one at a time; ``folder=None``: fetch
+      only), or ``None``.
     placement: where the run's arrays live (the config's mesh and the model family's rules);
       ``theta0`` is already placed when it was read slice by slice (``load_report``).
     load_report: how much of the base's files this process read, or ``None`` (not a folder
@@ -268,8 +269,8 @@ def sft(config: RunConfig, keys: Keys) -> Problem:
     loss = total / max(count, 1.0)
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": int(count)}
 
-  def save_merged(folder, merged, out_dtype, fetch=None):  # streamed: trainer.export.write_merged
-    hf_decoder.save_pretrained(folder, dcfg, merged, dtype=out_dtype, fetch=fetch)
+  def save_merged(folder, merged, out_dtype, fetch=None, max_shard_size=None):  # trainer.export.write_merged
+    hf_decoder.save_pretrained(folder, dcfg, merged, dtype=out_dtype, fetch=fetch, max_shard_size=max_shard_size)
 
   split = ("eval", "eval") if d.eval is not None else None
   info = {"n_train": rows["train"].rows,

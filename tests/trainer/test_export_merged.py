@@ -256,3 +256,47 @@ def test_two_processes_write_the_one_process_folder(tmp_path):
 
 if __name__ == "__main__":
   _worker(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+
+
+# ------------------------------------------------------------------------- through the trainer
+
+
+def _sft_raw(**export) -> dict:
+  from tests.trainer.conftest import DATA
+  return {"name": "sft", "task": "sft",
+          "model": {"kind": "decoder", "tokenizer": str(DATA / "chat_tokenizer"),
+                    "random": {"family": "llama", "vocab_size": 104, "hidden_size": 16, "intermediate_size": 32,
+                               "num_layers": 2, "num_heads": 2, "num_kv_heads": 2, "max_seq_len": 128}},
+          "data": {"train": str(DATA / "sft_train.jsonl"), "seq_len": 64},
+          "methods": [{"name": "lora", "where": "attention/(q_proj|v_proj)/kernel", "rank": 2, "alpha": 4}],
+          "optimizer": {"lr": 0.02}, "training": {"max_steps": 2, "batch_size": 2},
+          "checkpointing": {"every": 0}, "export": {"peft": False, "merged": True, **export}}
+
+
+def test_a_run_exports_bfloat16_shards(tmp_path):
+  """export.merged_dtype and export.merged_max_shard_size through the CLI: shards + index
+  in bfloat16; the leaves no method touches are the random base's, rounded to bfloat16."""
+  from lowrank_jax.models import decoder
+  from lowrank_jax.trainer import cli
+  from lowrank_jax.trainer.tasks import Keys
+  from tests.trainer.conftest import write_config
+  raw = _sft_raw(merged_dtype="bfloat16", merged_max_shard_size="4KB")
+  out = tmp_path / "out"
+  assert cli.main([str(write_config(tmp_path, raw)), "--out", str(out), "--inline", "--quiet"]) == 0
+  folder = out / "sft" / "merged"
+  names = sorted(f.name for f in folder.iterdir())
+  assert st.INDEX_FILE in names and sum(n.endswith(".safetensors") for n in names) > 2, names
+  _, merged = hf_decoder.load_pretrained(folder)
+  base = decoder.init_decoder(Keys.from_seed(0).model, decoder.DecoderConfig(**raw["model"]["random"]))
+  got, want = dict(tree_lib.flatten_with_paths(merged)), dict(tree_lib.flatten_with_paths(base))
+  assert sorted(got) == sorted(want)
+  for p in want:
+    assert got[p].dtype == jnp.bfloat16, p
+    if not p.endswith(("q_proj/kernel", "v_proj/kernel")):
+      np.testing.assert_array_equal(np.asarray(got[p]), np.asarray(want[p].astype(jnp.bfloat16)), err_msg=p)
+
+
+def test_a_bad_shard_size_is_named():
+  from lowrank_jax.trainer import config as config_lib
+  with pytest.raises(config_lib.ConfigError, match="merged_max_shard_size: size 'lots'"):
+    config_lib.from_dict(_sft_raw(merged_max_shard_size="lots"))
