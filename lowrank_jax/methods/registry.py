@@ -24,12 +24,13 @@ they have their own registries.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, Sequence, Union
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
 
-from lowrank_jax.methods._config import ConfigError, DType, MethodConfig, WhereSpec, _did_you_mean
+from lowrank_jax.methods._config import (  # DType, WhereSpec: re-exported (their old home)
+    ConfigError, DType, MethodConfig, WhereSpec, _did_you_mean)
 from lowrank_jax.methods.adalora import adalora
 from lowrank_jax.methods.adapters import bottleneck_adapters
 from lowrank_jax.methods.batched import batched_lora
