@@ -11,7 +11,8 @@ imports) and checks both against this table. Bottom to top:
                                   datasets and tokenisation, safetensors reading, Flax layers
  3    reparam                     ``Reparam``, ``adapt``, ``chain``
  4    methods                     one module per PEFT method, including the quantization-aware
-                                  ones (LoftQ, QA-LoRA, L4Q; their old ``quant.*`` paths too)
+                                  ones (LoftQ, QA-LoRA, L4Q; their old ``quant.*`` paths too),
+                                  and ``methods._config`` (their typed configs; imports no method)
  5    method registry             every method by name (may import every method)
  6    tools                       optimizers, merging, sharding, distributed, checkpoint, interop
  7    trainer                     typed configs, the training loop, the CLI

@@ -5,9 +5,11 @@ JSON data both ways (``registry.describe`` / ``registry.from_description``: same
 same outputs), and an export reads it (``interop.peft.save_peft_adapter`` of a direct
 ``lj.lora(...)``)."""
 
+import ast
 import dataclasses
 import inspect
 import json
+import pathlib
 
 import jax
 import numpy as np
@@ -16,7 +18,7 @@ import pytest
 import lowrank_jax as lj
 from lowrank_jax import tree as tree_lib
 from lowrank_jax.interop import peft as lpeft
-from lowrank_jax.methods import registry
+from lowrank_jax.methods import _config, registry
 from lowrank_jax.models import bert
 from lowrank_jax.reparam import PerModule, per_module
 from tests.methods.test_registry import CFG, NATIVE, PARAMS, _assert_same_trees, _outputs
@@ -157,3 +159,12 @@ def test_a_direct_lora_exports_its_own_alpha_and_rslora(tmp_path, rslora, alpha)
                              ["attention"]["query"]["kernel"],
                              lj.materialize(r.apply(theta, phi))["encoder"]["layer_1"]["attention"]["query"]
                              ["kernel"], rtol=1e-6, atol=1e-6)
+
+
+def test_the_config_module_imports_no_method():
+  """Every method imports methods._config; it must import none of them (no cycle)."""
+  tree = ast.parse(pathlib.Path(_config.__file__).read_text())
+  modules = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+  modules |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+  assert "lowrank_jax" in modules  # (from lowrank_jax import tree): the walk sees its imports
+  assert not [m for m in modules if m and m.startswith("lowrank_jax.methods")]
