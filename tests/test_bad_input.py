@@ -167,8 +167,10 @@ def test_registry_reparams_carry_their_config_as_data():
   jax.tree.map(np.testing.assert_array_equal, lj.merge(r, base, phi), lj.merge(r2, base2, phi2))
   ch = registry.chain_from([{"name": "lora", "where": "query/kernel", "rank": 2}, {"name": "full", "where": "^head/"}])
   assert [c.method_name for c in ch.config] == ["lora", "full"] and ch.config[0].rank == 2
-  assert lj.lora("query/kernel").config is None  # built outside the registry: nothing recorded
-  assert lj.chain(lj.lora("query/kernel"), ch).config == (None, ch.config)
+  direct = registry.parse("lora", {"where": "query/kernel"})
+  assert lj.lora("query/kernel").config == direct  # a direct factory call records its config too
+  assert lj.chain(lj.lora("query/kernel"), ch).config == (direct, ch.config)
+  assert lj.adapt(lj.lora_method(2), "query/kernel").config is None  # built by hand: nothing recorded
   assert lj.lora("query/kernel").with_config(ch.config[0]).config is ch.config[0]
   pt = registry.build("prefix_tuning", num_prefix=2)
   assert type(pt).__name__ == "PrefixTuning" and pt.config.num_prefix == 2
