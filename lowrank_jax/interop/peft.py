@@ -837,9 +837,10 @@ def _plan(reparam: Reparam, phi: PyTree) -> _Plan:
   cfg = reparam.config
   is_chain = isinstance(cfg, tuple) and not isinstance(cfg, PerModule)
   if cfg is None:
-    raise ValueError("save_peft_adapter: reparam.config is None (built outside the method registry): "
-                     "build it with lowrank_jax.methods.registry (build / build_from / chain_from) so "
-                     "the export can read its settings, or pass rank=, alpha= and use_rslora=")
+    raise ValueError("save_peft_adapter: reparam.config is None (a reparam assembled by hand, e.g. with "
+                     "adapt(); every method factory such as lj.lora(...) and the registry record one): "
+                     "build it with a method factory or lowrank_jax.methods.registry so the export can "
+                     "read its settings, or pass rank=, alpha= and use_rslora=")
   entries = list(cfg) if is_chain else [cfg]
   phis = list(phi) if is_chain else [phi]
   if is_chain and (not isinstance(phi, (tuple, list)) or len(phi) != len(cfg)):
