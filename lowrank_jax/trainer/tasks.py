@@ -105,13 +105,25 @@ def _padded_batches(split: Mapping[str, np.ndarray], batch_size: int):
 
 
 def _base(m, keys: "Keys", init: Callable, load: Callable, folder: Optional[str]):
-  """``(model config, params, {"path", "sha256"})`` of ``model``: randomly initialised from
-  ``model.random`` with ``keys.model``, or loaded from ``folder``."""
+  """``(model config, params, {"path", "sha256"}, LoadReport or None)`` of ``model``: randomly
+  initialised from ``model.random`` with ``keys.model`` (no report), or loaded from
+  ``folder`` by ``load(folder) -> (config, params, LoadReport or None)``."""
   if m.random is not None:
     params = init(keys.model, m.random, jnp.dtype(m.dtype))
-    return m.random, params, base_lib.tree_ref(f"random {type(m.random).__name__}({m.random})", params)
-  model_config, params = load(folder)
-  return model_config, params, base_lib.folder_ref(folder)
+    return m.random, params, base_lib.tree_ref(f"random {type(m.random).__name__}({m.random})", params), None
+  model_config, params, report = load(folder)
+  return model_config, params, base_lib.folder_ref(folder), report
+
+
+def _placed_loader(load: Callable, dtype, placement_of: Callable[[str], Placement]) -> Callable:
+  """``folder -> (config, params, LoadReport or None)`` with ``load(folder, dtype, placement)``
+  (:func:`~lowrank_jax.trainer.placement.load_bert` / ``load_decoder``): on a mesh each process
+  reads only the slices of its devices, and the report says how much (``None`` without a mesh)."""
+  def load_placed(folder):
+    placement = placement_of(folder)
+    model_config, params, report = load(folder, dtype, placement)
+    return model_config, params, report if placement.sharded else None
+  return load_placed
 
 
 # ------------------------------------------------------------------------ classification
@@ -158,15 +170,9 @@ def classification(config: RunConfig, keys: Keys) -> Problem:
   m, d = config.model, config.data
   dtype = jnp.dtype(m.dtype)
   placement = Placement.from_config(config.mesh, "bert")
-  loaded: list = []
-
-  def load(folder):  # on a mesh: each process reads only the slices of its devices
-    bcfg, params, report = load_bert(folder, dtype, placement)
-    loaded.append(report if placement.sharded else None)
-    return bcfg, params
-
-  bcfg, params, base = _base(m, keys, bert.init_bert, load,
-                             m.path or (None if m.random is not None else bert.minilm_path()))
+  bcfg, params, base, load_report = _base(m, keys, bert.init_bert,
+                                          _placed_loader(load_bert, dtype, lambda _: placement),
+                                          m.path or (None if m.random is not None else bert.minilm_path()))
   if m.dropout is not None:
     bcfg = dataclasses.replace(bcfg, hidden_dropout_prob=m.dropout, attention_probs_dropout_prob=m.dropout)
   tok_path = m.tokenizer or m.path
@@ -199,7 +205,7 @@ def classification(config: RunConfig, keys: Keys) -> Problem:
       info={"n_train": task.sizes()["train"], "sizes": task.sizes(), "labels": list(task.label_names),
             "data_fingerprint": task.fingerprint, "python": task.python_version},
       path_to_module=_bert_path_to_module, placement=placement,
-      load_report=loaded[0] if loaded else None)
+      load_report=load_report)
 
 
 # -------------------------------------------------------------------------------- SFT
@@ -222,15 +228,9 @@ def sft(config: RunConfig, keys: Keys) -> Problem:
   """Causal-LM SFT of a decoder on JSONL (see the module docstring)."""
   m, d = config.model, config.data
   dtype = jnp.dtype(m.dtype)
-  loaded: list = []
-
-  def load(folder):  # on a mesh: each process reads only the slices of its devices
-    placement = Placement.from_config(config.mesh, hf_decoder.read_config(folder).family)
-    dcfg, params, report = load_decoder(folder, dtype, placement)
-    loaded.append(report if placement.sharded else None)
-    return dcfg, params
-
-  dcfg, params, base = _base(m, keys, decoder.init_decoder, load, m.path)
+  placement_of = lambda folder: Placement.from_config(config.mesh, hf_decoder.read_config(folder).family)
+  dcfg, params, base, load_report = _base(m, keys, decoder.init_decoder,
+                                          _placed_loader(load_decoder, dtype, placement_of), m.path)
   placement = Placement.from_config(config.mesh, dcfg.family)
   if m.dropout is not None:
     dcfg = dataclasses.replace(dcfg, attention_dropout=m.dropout)
@@ -283,7 +283,7 @@ def sft(config: RunConfig, keys: Keys) -> Problem:
       epoch_split=split, final_split=split,
       tokens=lambda b: int((b["segment_ids"] > 0).sum()), info=info,
       path_to_module=peft.decoder_path_to_module(dcfg),
-      save_merged=save_merged, placement=placement, load_report=loaded[0] if loaded else None)
+      save_merged=save_merged, placement=placement, load_report=load_report)
 
 
 TASKS: dict[str, Callable[[RunConfig, Keys], Problem]] = {"classification": classification, "sft": sft}
